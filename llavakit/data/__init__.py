@@ -1,0 +1,1 @@
+"""LLaVA JSON records, chat templates, the render function, images and datasets."""

@@ -1,0 +1,104 @@
+"""Save and load llavakit models in the Hugging Face `llava` layout.
+
+On disk: config.json (`model_type: llava`, plus the `llavakit` record), model.safetensors,
+tokenizer files with `<image>`, processor_config/preprocessor_config (LlavaProcessor) and the
+chat template. `LlavaForConditionalGeneration.from_pretrained(dir)` and
+`AutoProcessor.from_pretrained(dir)` read it as they read llava-hf checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from llavakit.data.templates import ChatTemplate
+from llavakit.model.modeling import LlavakitMeta
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything needed to feed it."""
+
+    model: object
+    tokenizer: object
+    image_processor: object
+    template: ChatTemplate
+    meta: LlavakitMeta
+    path: Path
+
+    @property
+    def image_seq_length(self) -> int:
+        return int(self.model.config.image_seq_length)
+
+
+def build_processor(tokenizer, image_processor, config, template: ChatTemplate, has_cls: bool):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1 if has_cls else 0,
+        chat_template=template.jinja(tokenizer.chat_template),
+    )
+
+
+def save_model(model, tokenizer, image_processor, out: str | Path, *, has_cls: bool) -> Path:
+    """Write atomically: into a temp dir beside `out`, then rename over it."""
+    out = Path(out)
+    meta = LlavakitMeta.from_config(model.config)
+    template = ChatTemplate.from_dict(meta.template)
+    tokenizer.chat_template = template.jinja(tokenizer.chat_template)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        _set_architecture(tmp / "config.json")
+        build_processor(tokenizer, image_processor, model.config, template, has_cls).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            if any(out.iterdir()) and not (out / "config.json").is_file():
+                raise FileExistsError(f"{out} exists and is not a model dir; refusing to replace it")
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _set_architecture(config_path: Path) -> None:
+    """Name transformers' own class: our subclass only differs for `linear` projectors."""
+    data = json.loads(config_path.read_text())
+    data["architectures"] = ["LlavaForConditionalGeneration"]
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def has_cls_token(config) -> bool:
+    from llavakit.model.build import VISION_TOWERS
+
+    return VISION_TOWERS[config.vision_config.model_type][1]
+
+
+def load_model(path: str | Path, *, dtype: str = "float32") -> LoadedModel:
+    """Load a llavakit (or llava-hf style) model dir with its tokenizer, processor and template."""
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from llavakit.model.modeling import LlavakitForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path} (config.json missing)")
+    hf_logging.disable_progress_bar()
+    model = LlavakitForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+    meta = LlavakitMeta.from_config(model.config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    model.eval()
+    return LoadedModel(model, tokenizer, image_processor, ChatTemplate.from_dict(meta.template), meta, path)

@@ -1,0 +1,138 @@
+"""The model: HF llava layout, parity with transformers, projectors, encoders, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_model
+from llavakit.data.render import RenderOptions, render_record
+from llavakit.model.io import load_model
+
+RECORD = {"id": "r", "image": "a.png", "conversations": [
+    {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A red square."}]}
+
+
+def batch_for(lm, images=None):
+    """input_ids/pixel_values for RECORD through llavakit's own data path."""
+    s = render_record(RECORD, lm.tokenizer, lm.template, RenderOptions(lm.image_seq_length))
+    images = images or [Image.new("RGB", (48, 30), (200, 20, 20))]
+    pixels = lm.image_processor(images, return_tensors="pt")["pixel_values"]  # [N, 3, H, W]
+    return torch.tensor([s.input_ids]), pixels, torch.tensor([s.labels])
+
+
+def test_hf_llava_loads_with_same_logits(tiny_model_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    lm = load_model(tiny_model_dir)
+    hf, info = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids, pixels, _ = batch_for(lm)
+    with torch.no_grad():
+        ours = lm.model(input_ids=ids, pixel_values=pixels).logits  # [1, T, V]
+        theirs = hf.eval()(input_ids=ids, pixel_values=pixels).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_hf_processor_matches_llavakit_data_path(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    lm = load_model(tiny_model_dir)
+    proc = AutoProcessor.from_pretrained(tiny_model_dir)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    image = Image.new("RGB", (48, 30), (200, 20, 20))
+    enc = proc(images=image, text=text, return_tensors="pt")
+    ids, pixels, _ = batch_for(lm, [image])
+    assert enc["input_ids"][0].tolist() == ids[0, : enc["input_ids"].shape[1]].tolist()
+    assert torch.equal(enc["pixel_values"], pixels)
+
+
+def test_image_token_count_mismatch_raises(tiny_model_dir):
+    lm = load_model(tiny_model_dir)
+    ids, pixels, _ = batch_for(lm)
+    image_id = lm.model.config.image_token_id
+    bad = ids.clone()
+    bad[0, (bad[0] == image_id).nonzero()[0, 0]] = lm.tokenizer.pad_token_id  # one image token fewer
+    with pytest.raises(ValueError, match=r"15 <image> tokens in input_ids, 16 image features"):
+        lm.model(input_ids=bad, pixel_values=pixels)
+
+
+def test_save_load_round_trip(tiny_model_dir, tmp_path):
+    from llavakit.model.io import has_cls_token, save_model
+
+    lm = load_model(tiny_model_dir)
+    ids, pixels, labels = batch_for(lm)
+    out = save_model(lm.model, lm.tokenizer, lm.image_processor, tmp_path / "copy", has_cls=has_cls_token(lm.model.config))
+    again = load_model(out)
+    with torch.no_grad():
+        a = lm.model(input_ids=ids, pixel_values=pixels, labels=labels)
+        b = again.model(input_ids=ids, pixel_values=pixels, labels=labels)
+    assert torch.equal(a.logits, b.logits) and a.loss.item() == b.loss.item()
+    assert again.template == lm.template and again.meta == lm.meta
+
+
+def test_checkpoint_records_its_config(tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg["architectures"] == ["LlavaForConditionalGeneration"]
+    meta = cfg["llavakit"]
+    assert meta["projector_type"] == "mlp2x_gelu" and meta["template"]["name"] == "vicuna_v1"
+    assert meta["template"]["assistant_prefix"] == "ASSISTANT:" and meta["image_aspect_ratio"] == "pad"
+    assert cfg["vision_feature_layer"] == -2 and cfg["vision_feature_select_strategy"] == "default"
+    assert cfg["image_seq_length"] == 16  # (32 / 8) ** 2 patches, CLS dropped
+    assert (tiny_model_dir / "chat_template.jinja").is_file()
+
+
+def test_siglip_and_qwen2_linear(tiny_parts, tmp_path):
+    """Another encoder and LM family, with LLaVA 1.0's linear projector (loads through llavakit)."""
+    out = make_model(tiny_parts, tmp_path / "m", vision="siglip", lm="qwen2", projector="linear", template="chatml")
+    lm = load_model(out)
+    assert lm.model.config.vision_feature_select_strategy == "full"  # SigLIP has no CLS token
+    assert lm.image_seq_length == 16
+    proj = lm.model.model.multi_modal_projector
+    assert [n for n, _ in proj.named_parameters()] == ["linear_1.weight", "linear_1.bias"]
+    ids, pixels, labels = batch_for(lm)
+    out_ = lm.model(input_ids=ids, pixel_values=pixels, labels=labels)
+    assert torch.isfinite(out_.loss)
+
+
+def test_full_strategy_keeps_cls(tiny_parts, tmp_path):
+    lm = load_model(make_model(tiny_parts, tmp_path / "m", select_strategy="full", vision_feature_layer=-1))
+    assert lm.image_seq_length == 17
+    ids, pixels, labels = batch_for(lm)
+    assert torch.isfinite(lm.model(input_ids=ids, pixel_values=pixels, labels=labels).loss)
+
+
+def test_pad_to_square_uses_mean_colour(tiny_model_dir):
+    lm = load_model(tiny_model_dir)
+    assert lm.image_processor.do_pad
+    wide = Image.new("RGB", (64, 16), (255, 255, 255))
+    px = lm.image_processor(wide, return_tensors="pt")["pixel_values"][0]  # [3, 32, 32]
+    # Top rows are padding: the mean colour normalises to ~0; the centre row is the white image.
+    assert px[:, 0, :].abs().max() < 0.02
+    assert px[:, 16, :].min() > 1.5
+
+
+def test_init_rejects_bad_input(tiny_parts, tmp_path):
+    from llavakit.model.build import InitConfig
+
+    with pytest.raises(ValueError, match="unknown projector .mlp3x."):
+        InitConfig(vision="v", lm="l", out=str(tmp_path / "a"), projector="mlp3x")
+    with pytest.raises(KeyError, match="unknown chat template"):
+        InitConfig(vision="v", lm="l", out=str(tmp_path / "a"), template="nope")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        InitConfig(vision="v", lm="l", out=str(tmp_path / "full"))
+    with pytest.raises(ValueError, match="unsupported"):
+        from llavakit.model.build import load_vision
+
+        load_vision(str(tiny_parts["llama"]))
+
+
+def test_load_missing_model_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        load_model(tmp_path / "nothing")
