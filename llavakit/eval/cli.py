@@ -1,0 +1,122 @@
+"""`llavakit eval`: run a benchmark on a model, re-score answers, build the offline benchmark.
+
+    llavakit eval --model M --benchmark NAME --data PATH --out DIR [--batch-size 8]
+    llavakit eval score --benchmark NAME --data PATH --out DIR [--answers FILE]
+    llavakit eval build-offline --world DIR --out FILE [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Kept literal so that building the parser imports nothing; tests check it against the registry.
+BENCHMARK_NAMES = ("scienceqa", "vqav2", "gqa", "pope", "mme", "llava_bench", "offline")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model on a benchmark (or re-score, or build the offline benchmark)",
+        description="Without an ACTION: predict answers for a benchmark in batches (resuming finished ones), score "
+        "them with the benchmark's official metrics, and write answers.jsonl, results.json, results.md and chart.png "
+        "to --out. See docs/evaluation.md for where each benchmark's files go.",
+    )
+    _bench_args(p, required=False)
+    p.add_argument("--model", help="model dir or name, loaded with llavakit.infer")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override the per-question token budget")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.set_defaults(func=run_eval)
+    esub = p.add_subparsers(dest="eval_command", metavar="ACTION", required=False)
+
+    s = esub.add_parser("score", help="score an existing answers file", description="Score answers already "
+                        "written (ours or LLaVA's answer format) and write the reports to --out.")  # fmt: skip
+    _bench_args(s, required=True)
+    s.add_argument("--answers", default=None, help="answers JSONL (default OUT/answers.jsonl)")
+    s.set_defaults(func=run_score)
+
+    b = esub.add_parser("build-offline", help="write the offline benchmark of a held-out generated world",
+                        description="Generate questions from WORLD/scenes.jsonl (deterministic for a seed).")  # fmt: skip
+    b.add_argument("--world", required=True, help="generated world directory (val/test split)")
+    b.add_argument("--out", required=True, help="benchmark JSON file to write")
+    b.add_argument("--seed", type=int, default=0, help="question sampling seed (default 0)")
+    b.add_argument("--pope-per-image", type=int, default=3, help="POPE positives (= negatives) per image and split")
+    b.add_argument("--allow-train", action="store_true", help="accept a world of training scenes (not held out)")
+    b.set_defaults(func=run_build_offline)
+
+
+def _bench_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--benchmark", choices=BENCHMARK_NAMES, required=required, help="benchmark name")
+    p.add_argument("--data", required=required, help="benchmark data directory (offline: the benchmark file)")
+    p.add_argument("--out", required=required, help="output directory")
+    g = p.add_argument_group("LLM judge (llava_bench)")
+    g.add_argument("--judge-url", default=None, help="OpenAI-compatible API base URL, e.g. https://api.openai.com/v1")
+    g.add_argument("--judge-model", default=None, help="judge model name")
+    g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="env var holding the API key (default OPENAI_API_KEY)")
+    g.add_argument("--judge-cache", default=None, help="review cache directory (default OUT/judge_cache)")
+
+
+def _benchmark(args: argparse.Namespace):
+    import dataclasses
+    from pathlib import Path
+
+    from llavakit.eval.judge import JudgeConfig
+    from llavakit.eval.registry import get_benchmark
+
+    bench = get_benchmark(args.benchmark)
+    if args.benchmark == "llava_bench":
+        cache = Path(args.judge_cache) if args.judge_cache else Path(args.out) / "judge_cache"
+        judge = JudgeConfig(url=args.judge_url or "", model=args.judge_model or "", cache_dir=cache, api_key_env=args.judge_key_env)
+        bench = dataclasses.replace(bench, judge=judge)
+    return bench
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`llavakit eval --model ...`: predict (resuming), score, report."""
+    from pathlib import Path
+
+    from llavakit.eval.common import EvalError
+    from llavakit.eval.predict import load_predict_fn
+    from llavakit.eval.runner import evaluate
+
+    missing = [f"--{n.replace('_', '-')}" for n in ("model", "benchmark", "data", "out") if not getattr(args, n)]
+    if missing:
+        raise EvalError(f"missing {', '.join(missing)} (see `llavakit eval --help`)")
+    bench = _benchmark(args)  # judge settings are checked before the model is loaded
+    predict_fn = load_predict_fn(args.model, args.max_new_tokens)
+    evaluate(bench, args.data, predict_fn, args.out, args.batch_size, model_id=args.model, limit=args.limit, log=_log)
+    print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """`llavakit eval score`: grade an existing answers file."""
+    from pathlib import Path
+
+    from llavakit.eval.runner import load_answers, score_and_report
+
+    bench = _benchmark(args)
+    answers_path = Path(args.answers) if args.answers else Path(args.out) / "answers.jsonl"
+    if not answers_path.is_file():
+        raise FileNotFoundError(f"answers file not found: {answers_path}")
+    items = bench.load(Path(args.data))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    score_and_report(bench, items, load_answers(answers_path), out, model_id="")
+    print((out / "results.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def run_build_offline(args: argparse.Namespace) -> int:
+    """`llavakit eval build-offline`: write the benchmark file."""
+    from llavakit.eval.offline import build_offline
+
+    summary = build_offline(args.world, args.out, seed=args.seed, pope_per_image=args.pope_per_image, allow_train=args.allow_train)
+    counts = ", ".join(f"{k} {v}" for k, v in summary["questions"].items())
+    print(f"wrote {summary['file']}: {summary['scenes']} scenes; questions: {counts}")
+    return 0

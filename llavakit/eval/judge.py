@@ -1,0 +1,226 @@
+"""An LLM judge behind any OpenAI-compatible chat endpoint, with an on-disk review cache.
+
+The judge sees a written description of the image, the question, the reference answer
+(assistant 1) and the model's answer (assistant 2), plus the question category's rule from
+`judge_rules.json`. Its first line must be exactly two grades "s1 s2" (1..10). A failed call
+or an unreadable first line raises `JudgeError` naming the question: there is no default score.
+
+Reviews are cached as `<cache_dir>/<key>.json`, key = sha256 of (judge model, question id,
+sha256 of the model answer). A cached review whose prompt differs from the current one (the
+rules or reference changed) is judged again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from llavakit.eval.common import EvalError, QuestionId
+
+_SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[ ,]\s*(\d+(?:\.\d+)?)\s*$")
+MIN_SCORE, MAX_SCORE = 1.0, 10.0
+TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class JudgeError(EvalError):
+    """A judge call failed or its reply could not be read; the message names the question."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Where and how to call the judge."""
+
+    url: str
+    """Base URL of the OpenAI-compatible API, e.g. "https://api.openai.com/v1" or "http://127.0.0.1:8000/v1"."""
+    model: str
+    cache_dir: Path
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key; unset means no Authorization header (local servers)."""
+    temperature: float = 0.2
+    max_tokens: int = 1024
+    timeout: float = 120.0
+    retries: int = 2
+    """Extra attempts after a connection error or a transient HTTP status (429, 5xx ...)."""
+    retry_wait: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.url or not self.model:
+            raise EvalError("the judge needs a URL and a model name (--judge-url, --judge-model)")
+        if self.retries < 0 or self.retry_wait < 0:
+            raise EvalError("judge retries and retry_wait must be >= 0")
+
+
+@dataclass(frozen=True)
+class ReviewRequest:
+    """What the judge is shown for one question."""
+
+    question_id: QuestionId
+    category: str
+    context: str
+    question: str
+    reference: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Review:
+    """The judge's grades of the reference answer and the model answer, and its full reply."""
+
+    question_id: QuestionId
+    reference_score: float
+    model_score: float
+    text: str
+    cached: bool
+
+
+def load_rules(path: Path | None = None) -> dict[str, Any]:
+    """The judge rules (system text, instructions, per-category role and focus); our packaged file by default."""
+    if path is None:
+        text = resources.files("llavakit.eval").joinpath("judge_rules.json").read_text(encoding="utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    rules = json.loads(text)
+    for key in ("system", "instructions", "categories"):
+        if key not in rules:
+            raise EvalError(f"judge rules lack {key!r}")
+    return rules
+
+
+def build_prompt(rules: dict[str, Any], req: ReviewRequest) -> str:
+    """The user message of a review: description, question, both answers, then the category's rule."""
+    rule = rules["categories"].get(req.category)
+    if rule is None:
+        known = ", ".join(sorted(rules["categories"]))
+        raise JudgeError(f"question {req.question_id!r}: no judge rule for category {req.category!r} (known: {known})")
+    role = rule["role"]
+    sections = [
+        ("Image description", req.context),
+        ("Question", req.question),
+        (f"Answer of {role} 1", req.reference),
+        (f"Answer of {role} 2", req.answer),
+    ]
+    body = "\n\n".join(f"{title}:\n<<<\n{text.strip()}\n>>>" for title, text in sections)
+    return body + "\n\n" + rules["instructions"].format(role=role, focus=rule["focus"])
+
+
+def parse_scores(reply: str, question_id: QuestionId) -> tuple[float, float]:
+    """The two grades on the reply's first line, strictly "s1 s2" (a comma also separates), each in 1..10."""
+    first = reply.split("\n", 1)[0]
+    m = _SCORES.match(first)
+    if not m:
+        raise JudgeError(f"question {question_id!r}: judge reply's first line is not two grades: {first[:120]!r}")
+    s1, s2 = float(m.group(1)), float(m.group(2))
+    if not (MIN_SCORE <= s1 <= MAX_SCORE and MIN_SCORE <= s2 <= MAX_SCORE):
+        raise JudgeError(f"question {question_id!r}: judge grades {s1:g} {s2:g} are outside 1..10")
+    return s1, s2
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_key(judge_model: str, question_id: QuestionId, answer: str) -> str:
+    """The cache file stem for (judge model, question id, model answer)."""
+    return sha256(json.dumps([judge_model, str(question_id), sha256(answer)]))
+
+
+class Judge:
+    """Reviews answers through the configured endpoint; use as a context manager or call close()."""
+
+    def __init__(self, config: JudgeConfig, rules: dict[str, Any] | None = None) -> None:
+        import httpx
+
+        self.config = config
+        self.rules = rules if rules is not None else load_rules()
+        self.calls = 0
+        key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(timeout=config.timeout, headers=headers)
+
+    def __enter__(self) -> Judge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def review(self, req: ReviewRequest) -> Review:
+        """Grades for one question, from the cache when it holds this exact review."""
+        prompt = build_prompt(self.rules, req)
+        path = Path(self.config.cache_dir) / f"{cache_key(self.config.model, req.question_id, req.answer)}.json"
+        cached = self._read_cache(path, sha256(prompt))
+        if cached is not None:
+            s1, s2 = parse_scores(cached, req.question_id)
+            return Review(req.question_id, s1, s2, cached, cached=True)
+        reply = self._chat(prompt, req.question_id)
+        s1, s2 = parse_scores(reply, req.question_id)
+        self._write_cache(path, req, sha256(prompt), reply)
+        return Review(req.question_id, s1, s2, reply, cached=False)
+
+    def _read_cache(self, path: Path, prompt_hash: str) -> str | None:
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return None
+        return record.get("reply") if record.get("prompt_sha256") == prompt_hash else None
+
+    def _write_cache(self, path: Path, req: ReviewRequest, prompt_hash: str, reply: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "judge_model": self.config.model,
+            "question_id": req.question_id,
+            "answer_sha256": sha256(req.answer),
+            "prompt_sha256": prompt_hash,
+            "reply": reply,
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _chat(self, prompt: str, question_id: QuestionId) -> str:
+        """One chat completion; transient failures retried, then a JudgeError."""
+        import httpx
+
+        url = self.config.url.rstrip("/") + "/chat/completions"
+        body = {
+            "model": self.config.model,
+            "messages": [{"role": "system", "content": self.rules["system"]}, {"role": "user", "content": prompt}],
+            "temperature": self.config.temperature,
+            "max_tokens": self.config.max_tokens,
+        }
+        for attempt in range(self.config.retries + 1):
+            last = attempt == self.config.retries
+            self.calls += 1
+            try:
+                resp = self._client.post(url, json=body)
+            except httpx.HTTPError as exc:
+                if last:
+                    raise JudgeError(f"question {question_id!r}: judge call to {url} failed: {exc}") from None
+            else:
+                if resp.status_code == 200:
+                    return _reply_text(resp, question_id)
+                if last or resp.status_code not in TRANSIENT_STATUS:
+                    raise JudgeError(f"question {question_id!r}: judge returned HTTP {resp.status_code}: {resp.text[:200]}")
+            time.sleep(self.config.retry_wait * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def _reply_text(resp: Any, question_id: QuestionId) -> str:
+    try:
+        content = resp.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise JudgeError(f"question {question_id!r}: judge response is not a chat completion: {resp.text[:200]}") from None
+    if not isinstance(content, str):
+        raise JudgeError(f"question {question_id!r}: judge response has no text content")
+    return content

@@ -1,0 +1,92 @@
+"""VQAv2 (and VQA-format sets) with the official VQA accuracy.
+
+Files (the official release): `DIR/*questions*.json` ({"data_subtype": "val2014",
+"questions": [{image_id, question, question_id}]}), `DIR/*annotations*.json`
+({"annotations": [{question_id, answer_type, answers: [{answer, answer_id, ...}] x 10}]}),
+images at `DIR/<data_subtype>/COCO_<data_subtype>_<image_id:012d>.jpg`.
+
+Accuracy of one answer: for each of the 10 leave-one-annotator-out subsets of 9,
+min(#annotators in the subset who gave the answer / 3, 1); the mean over the 10 subsets.
+Answers and annotator answers both go through the official normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llavakit.eval.common import (
+    SHORT_ANSWER_SUFFIX,
+    EvalError,
+    EvalItem,
+    QuestionId,
+    answers_for,
+    check_unique_ids,
+    find_one,
+    image_prompt,
+    make_result,
+    read_json,
+)
+from llavakit.eval.text import normalize_vqa
+
+
+def vqa_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:
+    """The VQA accuracy (0..1) of `prediction` against the annotators' answers."""
+    if not annotator_answers:
+        raise EvalError("VQA accuracy needs at least one annotator answer")
+    pred = normalize_vqa(prediction)
+    gts = [normalize_vqa(a) for a in annotator_answers]
+    total = 0.0
+    for left_out in range(len(gts)):
+        matches = sum(1 for j, gt in enumerate(gts) if j != left_out and gt == pred)
+        total += min(1.0, matches / 3.0)
+    return total / len(gts)
+
+
+@dataclass(frozen=True)
+class VQAv2:
+    """VQAv2 benchmark entry."""
+
+    name: str = "vqav2"
+
+    def load(self, data_path: Path) -> list[EvalItem]:
+        """Questions joined with their annotations, in question-file order."""
+        root = Path(data_path)
+        qfile = find_one(root, ["*questions*.json"], "VQA questions")
+        afile = find_one(root, ["*annotations*.json"], "VQA annotations")
+        qdata, adata = read_json(qfile), read_json(afile)
+        subtype = qdata.get("data_subtype", "val2014")
+        anns = {a["question_id"]: a for a in adata["annotations"]}
+        items = []
+        for q in qdata["questions"]:
+            ann = anns.get(q["question_id"])
+            if ann is None:
+                raise EvalError(f"{afile}: no annotation for question {q['question_id']!r}")
+            image = root / subtype / f"COCO_{subtype}_{int(q['image_id']):012d}.jpg"
+            items.append(
+                EvalItem(
+                    question_id=q["question_id"],
+                    prompt=image_prompt(q["question"], SHORT_ANSWER_SUFFIX),
+                    images=(str(image),),
+                    answer=[a["answer"] for a in ann["answers"]],
+                    category=ann.get("answer_type", "other"),
+                )
+            )
+        check_unique_ids(items, qfile)
+        return items
+
+    def score(self, items: Sequence[EvalItem], answers: Mapping[QuestionId, str]) -> dict[str, Any]:
+        """Mean VQA accuracy (percent), overall and per answer type (yes/no, number, other)."""
+        texts = answers_for(items, answers, self.name)
+        per_type: dict[str, list[float]] = {}
+        accs = []
+        for item, text in zip(items, texts):
+            acc = vqa_accuracy(text, item.answer)
+            accs.append(acc)
+            per_type.setdefault(item.category, []).append(acc)
+        overall = 100.0 * sum(accs) / len(accs) if accs else 0.0
+        rows = {t: {"accuracy": 100.0 * sum(v) / len(v), "count": len(v)} for t, v in sorted(per_type.items())}
+        metrics = {"accuracy": overall} | {t: r["accuracy"] for t, r in rows.items()}
+        return make_result(self.name, len(items), "accuracy", metrics, {"answer_type": rows})

@@ -1,0 +1,213 @@
+"""The LLM judge and LLaVA-Bench scoring against a fake OpenAI-compatible server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from llavakit.eval.common import EvalError
+from llavakit.eval.judge import (
+    Judge,
+    JudgeConfig,
+    JudgeError,
+    ReviewRequest,
+    build_prompt,
+    cache_key,
+    load_rules,
+    parse_scores,
+)
+from llavakit.eval.registry import get_benchmark
+
+FIX = Path(__file__).parent / "fixtures" / "eval"
+KEY_ENV = "LLAVAKIT_TEST_JUDGE_KEY"
+
+# The fake judge's grades (reference, model), chosen by which question the prompt holds.
+GRADES = {"What colour is the kettle?": "8 6", "Describe the kitchen in detail.": "9 6", "Why might the street be empty?": "7 7"}
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    """POST /v1/chat/completions; behaviour set by server.mode: ok, http500, garbled, flaky (503 once)."""
+
+    def do_POST(self):  # noqa: N802 (http.server API)
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        srv.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        prompt = body["messages"][-1]["content"]
+        question = next(q for q in GRADES if q in prompt)
+        hard = question == "Why might the street be empty?"
+        if hard and (srv.mode == "http500" or (srv.mode == "flaky" and not srv.flaked)):
+            srv.flaked = True
+            return self._send(500 if srv.mode == "http500" else 503, {"error": {"message": "overloaded"}})
+        content = "Both answers look fine to me." if hard and srv.mode == "garbled" else f"{GRADES[question]}\nReasons follow."
+        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [choice]})
+
+    def _send(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    srv.requests, srv.mode, srv.flaked = [], "ok", False
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+def config(server, tmp_path, **kw) -> JudgeConfig:
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    return JudgeConfig(url=url, model="judge-x", cache_dir=tmp_path / "cache", api_key_env=KEY_ENV, retry_wait=0.0, **kw)
+
+
+def model_answers() -> dict:
+    return {0: "It is red.", 1: "A kitchen with a kettle.", 2: "Because it is early."}
+
+
+# ---------------------------------------------------------------- parsing and prompt
+
+
+@pytest.mark.parametrize(
+    ("reply", "scores"),
+    [("8 6\nbecause", (8.0, 6.0)), ("8,6", (8.0, 6.0)), (" 8.5  7 \nx", (8.5, 7.0)), ("10 1", (10.0, 1.0))],
+)
+def test_parse_scores(reply, scores):
+    assert parse_scores(reply, 3) == scores
+
+
+@pytest.mark.parametrize("reply", ["Scores: 8 6", "8", "8 6 5", "", "\n8 6", "11 5", "0 7", "eight six"])
+def test_parse_scores_strict(reply):
+    with pytest.raises(JudgeError, match="question 3"):
+        parse_scores(reply, 3)
+
+
+def test_prompt_has_every_part_and_the_category_rule():
+    rules = load_rules()
+    assert set(rules["categories"]) == {"conv", "detail", "complex"}
+    req = ReviewRequest(5, "detail", "CTX-TEXT", "Q-TEXT", "REF-TEXT", "MODEL-TEXT")
+    prompt = build_prompt(rules, req)
+    order = [prompt.index(s) for s in ("CTX-TEXT", "Q-TEXT", "REF-TEXT", "MODEL-TEXT", rules["categories"]["detail"]["focus"])]
+    assert order == sorted(order)
+    assert "Assistant 1" in prompt and "Assistant 2" in prompt
+    with pytest.raises(JudgeError, match="question 5.*no judge rule for category 'chart'"):
+        build_prompt(rules, replace(req, category="chart"))
+
+
+def test_cache_key_depends_on_model_question_and_answer():
+    base = cache_key("m", 1, "answer")
+    assert base == cache_key("m", 1, "answer")
+    assert len({base, cache_key("m2", 1, "answer"), cache_key("m", 2, "answer"), cache_key("m", 1, "other")}) == 4
+
+
+# ---------------------------------------------------------------- LLaVA-Bench with the fake server
+
+
+def test_llava_bench_relative_scores_and_cache(server, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    bench = replace(get_benchmark("llava_bench"), judge=config(server, tmp_path))
+    items = bench.load(FIX / "llava_bench")
+    assert items[0].prompt == "<image>\nWhat colour is the kettle?"
+    assert items[1].max_new_tokens == 1024
+
+    r = bench.score(items, model_answers())
+    rows = r["breakdown"]["category"]
+    assert rows["conv"]["relative_score"] == pytest.approx(75.0)  # 6 / 8
+    assert rows["detail"]["relative_score"] == pytest.approx(200 / 3)  # 6 / 9
+    assert rows["complex"]["relative_score"] == pytest.approx(100.0)  # 7 / 7
+    # overall: mean(6, 6, 7) / mean(8, 9, 7) = (19/3) / 8
+    assert r["metrics"]["relative_score"] == pytest.approx(100 * (19 / 3) / 8)
+    assert rows["all"]["reference_mean"] == pytest.approx(8.0)
+    assert r["details"]["judge_calls"] == 3
+
+    req = server.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
+    assert req["body"]["model"] == "judge-x" and req["body"]["messages"][0]["role"] == "system"
+    user = server.requests[1]["body"]["messages"][1]["content"]
+    assert "A small kitchen with a red kettle" in user and "A kitchen with a kettle." in user
+    # list captions are joined line by line
+    street = server.requests[2]["body"]["messages"][1]["content"]
+    assert "A wide street at dawn with closed shops.\nNo cars or people are visible." in street
+
+    again = bench.score(items, model_answers())  # every review cached
+    assert len(server.requests) == 3 and again["details"]["judge_calls"] == 0
+    assert again["metrics"] == r["metrics"]
+
+    bench.score(items, model_answers() | {1: "A different answer."})  # only the changed answer is judged again
+    assert len(server.requests) == 4
+    assert "A different answer." in server.requests[3]["body"]["messages"][1]["content"]
+
+
+def test_failed_call_is_an_error_naming_the_question(server, tmp_path):
+    server.mode = "http500"
+    cfg = config(server, tmp_path, retries=1)
+    bench = replace(get_benchmark("llava_bench"), judge=cfg)
+    with pytest.raises(JudgeError, match=r"question 2.*HTTP 500"):
+        bench.score(bench.load(FIX / "llava_bench"), model_answers())
+    assert len(server.requests) == 2 + 2  # two good reviews, then the failing one tried twice (1 retry)
+    assert not (cfg.cache_dir / f"{cache_key('judge-x', 2, model_answers()[2])}.json").exists()
+    assert (cfg.cache_dir / f"{cache_key('judge-x', 0, model_answers()[0])}.json").exists()
+
+
+def test_unreadable_reply_is_an_error_and_not_cached(server, tmp_path):
+    server.mode = "garbled"
+    cfg = config(server, tmp_path)
+    bench = replace(get_benchmark("llava_bench"), judge=cfg)
+    with pytest.raises(JudgeError, match="question 2.*not two grades"):
+        bench.score(bench.load(FIX / "llava_bench"), model_answers())
+    assert len(list(cfg.cache_dir.glob("*.json"))) == 2
+    server.mode = "ok"  # the rerun judges only the missing review
+    r = bench.score(bench.load(FIX / "llava_bench"), model_answers())
+    assert r["details"]["judge_calls"] == 1
+
+
+def test_transient_failure_is_retried(server, tmp_path):
+    server.mode = "flaky"
+    bench = replace(get_benchmark("llava_bench"), judge=config(server, tmp_path, retries=1))
+    r = bench.score(bench.load(FIX / "llava_bench"), model_answers())
+    assert r["details"]["judge_calls"] == 4 and r["breakdown"]["category"]["complex"]["relative_score"] == 100.0
+
+
+def test_unreachable_judge(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    cfg = JudgeConfig(url=f"http://127.0.0.1:{port}/v1", model="m", cache_dir=tmp_path, retries=0)
+    with Judge(cfg) as judge, pytest.raises(JudgeError, match="question 'q7'.*failed"):
+        judge.review(ReviewRequest("q7", "conv", "c", "q", "r", "a"))
+
+
+def test_cached_review_with_a_changed_prompt_is_judged_again(server, tmp_path):
+    cfg = config(server, tmp_path)
+    req = ReviewRequest(0, "conv", "ctx", "What colour is the kettle?", "Red.", "It is red.")
+    with Judge(cfg) as judge:
+        judge.review(req)
+        assert judge.review(req).cached
+        assert not judge.review(replace(req, reference="Crimson.")).cached
+    assert len(server.requests) == 2
+
+
+def test_llava_bench_needs_a_judge():
+    bench = get_benchmark("llava_bench")
+    items = bench.load(FIX / "llava_bench")
+    with pytest.raises(EvalError, match="needs a judge"):
+        bench.score(items, model_answers())
+    with pytest.raises(EvalError, match="URL and a model"):
+        JudgeConfig(url="", model="m", cache_dir=Path("."))

@@ -1,0 +1,212 @@
+"""The runner (batching, resume, reports), the inference seam and the `llavakit eval` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from llavakit.eval.common import EvalError, EvalItem
+from llavakit.eval.predict import pipeline_predict_fn
+from llavakit.eval.registry import BENCHMARKS
+from llavakit.eval.runner import batches, evaluate, load_answers
+
+FIX = Path(__file__).parent / "fixtures" / "eval"
+
+
+class Counting:
+    """A predict_fn that answers "Yes", records every batch, and can fail after some batches."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.batches: list[list] = []
+        self.fail_after = fail_after
+
+    def __call__(self, items: list[EvalItem]) -> list[str]:
+        if self.fail_after is not None and len(self.batches) == self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.batches.append([it.question_id for it in items])
+        return [" Yes \n" for _ in items]
+
+    @property
+    def answered(self) -> int:
+        return sum(map(len, self.batches))
+
+
+def test_resume_skips_finished_questions(tmp_path):
+    out = tmp_path / "run"
+    crashing = Counting(fail_after=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate("pope", FIX / "pope", crashing, out, batch_size=5, model_id="m1")
+    lines = (out / "answers.jsonl").read_text().splitlines()
+    assert len(lines) == 10  # two finished batches were kept
+    row = json.loads(lines[0])
+    assert set(row) == {"question_id", "prompt", "text", "model_id"}
+    assert row["text"] == "Yes" and row["model_id"] == "m1" and row["prompt"].startswith("<image>\n")
+
+    rerun = Counting()
+    results = evaluate("pope", FIX / "pope", rerun, out, batch_size=5, model_id="m1")
+    assert rerun.answered == 2 and len(rerun.batches) == 1
+    assert results["run"] == {"new_answers": 2, "reused_answers": 10}
+    assert results["metrics"]["yes_ratio"] == 100.0 and results["metrics"]["recall"] == 100.0
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 12
+
+    third = Counting()
+    again = evaluate("pope", FIX / "pope", third, out, batch_size=5, model_id="m1")
+    assert third.answered == 0 and again["metrics"] == results["metrics"]
+    for name in ("results.json", "results.md", "chart.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "results.json").read_text())["model_id"] == "m1"
+    md = (out / "results.md").read_text()
+    assert "# pope — m1" in md and "| random |" in md and "| f1 |" in md
+
+
+def test_other_model_answers_are_not_reused(tmp_path):
+    evaluate("pope", FIX / "pope", Counting(), tmp_path, batch_size=4, model_id="m1")
+    with pytest.raises(EvalError, match="answers of model 'm1', not 'm2'"):
+        evaluate("pope", FIX / "pope", Counting(), tmp_path, batch_size=4, model_id="m2")
+
+
+def test_interrupted_last_line_is_dropped(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    good = json.dumps({"question_id": "random/1", "prompt": "p", "text": "Yes", "model_id": ""})
+    path.write_text(good + "\n" + '{"question_id": "random/2", "pro')
+    assert load_answers(path) == {"random/1": "Yes"}
+    assert path.read_text() == good + "\n"
+    path.write_text(good)  # complete but unterminated: kept, and terminated so appends stay valid
+    assert load_answers(path) == {"random/1": "Yes"} and path.read_text() == good + "\n"
+    path.write_text("{bad\n" + good + "\n")
+    with pytest.raises(EvalError, match="answers.jsonl:1: not valid JSON"):
+        load_answers(path)
+
+
+def test_predict_fn_must_answer_each_item(tmp_path):
+    with pytest.raises(EvalError, match="returned 1 answers for 4 questions"):
+        evaluate("pope", FIX / "pope", lambda items: ["yes"], tmp_path, batch_size=4)
+
+
+def test_missing_image_fails_before_predicting(tmp_path):
+    data = tmp_path / "pope"
+    data.mkdir()
+    (data / "coco_pope_random.json").write_text((FIX / "pope/coco_pope_random.json").read_text())
+    predict = Counting()
+    with pytest.raises(FileNotFoundError, match="4 image file"):
+        evaluate("pope", data, predict, tmp_path / "out")
+    assert predict.batches == []
+
+
+def test_limit_and_batches(tmp_path):
+    predict = Counting()
+    r = evaluate("scienceqa", FIX / "scienceqa", predict, tmp_path, batch_size=2, limit=3)
+    assert r["num_questions"] == 3 and predict.batches == [["101", "102"], ["103"]]
+    items = [EvalItem(i, "p", max_new_tokens=n) for i, n in enumerate([256, 32, 256, 32])]
+    assert [[it.question_id for it in b] for b in batches(items, 3)] == [[1, 3, 0], [2]]
+
+
+def test_every_fixture_runs_end_to_end(tmp_path):
+    """Each benchmark except llava_bench (judge-tested on its own) loads, predicts and reports."""
+    from llavakit.eval.offline import build_offline
+
+    offline = tmp_path / "offline.json"
+    build_offline(FIX / "world", offline)
+    data = {name: FIX / name for name in BENCHMARKS} | {"offline": offline}
+    for name in BENCHMARKS:
+        if name == "llava_bench":
+            continue
+        r = evaluate(name, data[name], Counting(), tmp_path / name, batch_size=16)
+        assert r["benchmark"] == name and r["primary"] in r["metrics"]
+        assert (tmp_path / name / "chart.png").is_file()
+
+
+# ---------------------------------------------------------------- the inference seam
+
+
+class FakePipeline:
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, batch, max_new_tokens, temperature):
+        self.calls.append((batch, max_new_tokens, temperature))
+        return [f"answer {i}" for i in range(len(batch))]
+
+
+def test_pipeline_adapter_passes_images_and_prompts():
+    items = BENCHMARKS["scienceqa"].load(FIX / "scienceqa")[:2]
+    pipe = FakePipeline()
+    assert pipeline_predict_fn(pipe)(items) == ["answer 0", "answer 1"]
+    (batch, budget, temperature), = pipe.calls
+    assert budget == 32 and temperature == 0.0
+    (imgs0, prompt0), (imgs1, prompt1) = batch
+    assert prompt0 == items[0].prompt and prompt1 == items[1].prompt
+    assert len(imgs0) == 1 and imgs0[0].mode == "RGB" and imgs0[0].size == (8, 8)
+    assert imgs1 == []  # a text-only question has no image and no <image> marker
+    pipeline_predict_fn(pipe, max_new_tokens=5)(items)
+    assert pipe.calls[-1][1] == 5
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_cli(argv, capsys):
+    from llavakit.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_names_match_registry():
+    from llavakit.eval.cli import BENCHMARK_NAMES
+
+    assert list(BENCHMARK_NAMES) == list(BENCHMARKS)
+
+
+def test_cli_eval_with_a_fake_inference_layer(tmp_path, capsys, monkeypatch):
+    pipe = FakePipeline()
+    loaded = []
+    api = types.ModuleType("llavakit.infer.api")
+    api.load_pipeline = lambda model: loaded.append(model) or pipe
+    monkeypatch.setitem(sys.modules, "llavakit.infer.api", api)
+    argv = ["eval", "--model", "tiny-m", "--benchmark", "gqa", "--data", str(FIX / "gqa"), "--out", str(tmp_path)]
+    argv += ["--batch-size", "2"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert loaded == ["tiny-m"] and [len(c[0]) for c in pipe.calls] == [2, 1]
+    assert "# gqa — tiny-m" in out and "| accuracy |" in out
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r["model_id"] for r in rows] == ["tiny-m"] * 3
+
+
+def test_cli_score_and_build_offline(tmp_path, capsys):
+    bench = tmp_path / "offline.json"
+    code, out, err = run_cli(["eval", "build-offline", "--world", str(FIX / "world"), "--out", str(bench), "--seed", "3"], capsys)
+    assert code == 0, err
+    assert "3 scenes" in out and json.loads(bench.read_text())["seed"] == 3
+
+    out_dir = tmp_path / "scored"
+    out_dir.mkdir()
+    answers = [{"question_id": f"{s}/{i}", "prompt": "", "text": "No", "model_id": "x"}
+               for s in ("random", "popular", "adversarial") for i in range(1, 5)]  # fmt: skip
+    (out_dir / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    code, out, err = run_cli(["eval", "score", "--benchmark", "pope", "--data", str(FIX / "pope"), "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["metrics"]["yes_ratio"] == 0.0 and results["metrics"]["accuracy"] == 50.0
+
+
+def test_cli_errors(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(["eval", "--benchmark", "pope", "--data", str(FIX / "pope"), "--out", str(tmp_path)], capsys)
+    assert code == 1 and "missing --model" in err
+    monkeypatch.setitem(sys.modules, "llavakit.infer.api", None)  # an install without the inference layer
+    argv = ["eval", "--model", "m", "--benchmark", "pope", "--data", str(FIX / "pope"), "--out", str(tmp_path)]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "inference layer is not available" in err
+    argv = ["eval", "--model", "m", "--benchmark", "llava_bench", "--data", str(FIX / "llava_bench"), "--out", str(tmp_path)]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "--judge-url" in err
+    argv = ["eval", "score", "--benchmark", "gqa", "--data", str(FIX / "gqa"), "--out", str(tmp_path / "none")]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "answers file not found" in err
