@@ -1,0 +1,280 @@
+"""The instruct engine: images x kinds -> teacher -> parse/validate -> cache -> LLaVA JSON + report.
+
+Resumable by construction: every finished item (accepted or rejected output) is appended to the
+cache before the next one is counted, and the output file is rebuilt from the cache at the end
+and written atomically. A rerun — after success, a crash or a SIGKILL — asks the teacher only for
+items missing from the cache, so no record is lost or duplicated.
+
+Teacher *errors* (retries exhausted, malformed bodies, truncation) are counted as rejections with
+their reason but not cached, so the next run asks again; rejected *outputs* are cached (asking a
+deterministic teacher again would not help) unless `retry_rejected` is set.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from llavakit import __version__
+from llavakit.datagen.annotations import ImageEntry
+from llavakit.datagen.cache import Cache, cache_key
+from llavakit.datagen.config import DatagenError, InstructConfig
+from llavakit.datagen.packs import PromptPack, load_list, load_pack
+from llavakit.datagen.parse import Parsed, Rejected, parse_output
+from llavakit.datagen.records import (
+    Report,
+    make_record,
+    record_rng,
+    sidecar,
+    write_json_atomic,
+    write_json_lines,
+    write_records,
+)
+from llavakit.datagen.teachers import TEACHERS, TeacherError, TeacherFatal
+
+RAW_EXCERPT = 2000
+
+
+@dataclass
+class Item:
+    image: ImageEntry
+    kind: str
+    key: str
+
+    @property
+    def record_id(self) -> str:
+        return f"{self.image.image_id}-{self.kind}"
+
+
+@dataclass
+class Outcome:
+    item: Item
+    status: str
+    """ok | rejected (the output failed validation; cached) | error (the teacher failed; not cached)."""
+    parsed: Parsed | None = None
+    raw: str = ""
+    code: str = ""
+    message: str = ""
+    calls: int = 0
+    reasked: list[str] = field(default_factory=list)
+    """Rejection codes of earlier attempts that were asked again."""
+
+
+def _accepts_attempt(teacher) -> bool:
+    try:
+        params = inspect.signature(teacher.complete).parameters
+    except (TypeError, ValueError):
+        return False
+    return "attempt" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _work(item: Item, teacher, pack: PromptPack, attempts: int, uses_context: bool) -> Outcome:
+    context = item.image.context(with_boxes=pack.context == "captions+boxes")
+    if uses_context and not context.strip():
+        return Outcome(item, "error", code="no_context",
+                       message=f"image {item.image.image_id} has no captions to show the teacher")
+    messages = pack.messages(context)
+    deterministic = bool(getattr(teacher, "deterministic", False))
+    with_attempt = _accepts_attempt(teacher)
+    out = Outcome(item, "rejected")
+    for attempt in range(attempts):
+        out.calls += 1
+        extra = {"attempt": attempt} if with_attempt else {}
+        try:
+            text = teacher.complete(messages, kind=item.kind, image_id=item.image.image_id, **extra)
+        except TeacherError as exc:
+            if out.code:
+                out.reasked.append(out.code)
+            out.status, out.code, out.message = "error", exc.code, exc.message
+            return out
+        try:
+            out.parsed = parse_output(text, pack.rules)
+        except Rejected as rej:
+            if out.code:
+                out.reasked.append(out.code)
+            out.status, out.raw, out.code, out.message = "rejected", text, rej.code, rej.message
+            if deterministic:
+                break
+            continue
+        if out.code:
+            out.reasked.append(out.code)
+        out.status, out.raw, out.code, out.message = "ok", text, "", ""
+        return out
+    return out
+
+
+def generate_instruct(config: InstructConfig, *, teacher=None, log=None) -> Report:
+    """Run `llavakit datagen instruct`; returns the report (also written next to the output)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t_start = time.perf_counter()
+    dataset = config.source.load()
+    packs = {k: load_pack(k, config.prompt_dir) for k in config.kinds}
+    detail_questions = load_list("detail_questions", config.prompt_dir) if "detail" in config.kinds else None
+    report = Report("instruct", str(config.out))
+    lock = threading.Lock()
+
+    def on_retry(kind: str, code: str) -> None:
+        with lock:
+            st = report.kind(kind)
+            st.retried += 1
+            st.retry_reasons[code] += 1
+
+    for kind in config.kinds:
+        report.kind(kind)
+    if teacher is None:
+        try:
+            teacher = TEACHERS[config.teacher.name].from_config(config.teacher, dataset=dataset, on_retry=on_retry)
+        except TeacherFatal as exc:
+            raise DatagenError(str(exc)) from None
+    workers = min(config.teacher.concurrency, getattr(teacher, "max_concurrency", None) or config.teacher.concurrency)
+    uses_context = getattr(teacher, "uses_context", teacher.name != "offline")
+
+    errors: dict[str, Outcome] = {}
+    fresh: set[str] = set()
+    with Cache(config.cache_dir, fsync_interval=config.fsync_interval) as cache:
+        for kind in config.kinds:
+            cache.load(kind)
+        items: list[Item] = []
+        todo: list[Item] = []
+        for img in dataset.images:
+            for kind in config.kinds:
+                key = cache_key(teacher.name, teacher.model, packs[kind].cache_version, img.image_id, kind)
+                item = Item(img, kind, key)
+                items.append(item)
+                entry = cache.get(kind, key)
+                if entry is None or (entry["status"] == "rejected" and config.retry_rejected):
+                    todo.append(item)
+        if cache.stats.torn:
+            log(f"datagen: cache had {cache.stats.torn} torn line(s) from an interrupted run; those items are redone")
+        t_gen = time.perf_counter()
+        consecutive_errors = 0
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="item", desc="datagen",
+                   disable=None if config.progress else True, dynamic_ncols=True)
+
+        def handle(out: Outcome) -> None:
+            nonlocal consecutive_errors
+            item = out.item
+            st = report.kind(item.kind)
+            st.calls += out.calls
+            st.retried += len(out.reasked)
+            st.retry_reasons.update(out.reasked)
+            if out.status == "error":
+                errors[item.key] = out
+                consecutive_errors += out.code != "no_context"  # a data problem, not a teacher failure
+            else:
+                consecutive_errors = 0
+                pack = packs[item.kind]
+                entry: dict[str, Any] = {
+                    "key": item.key, "teacher": teacher.name, "model": teacher.model,
+                    "prompt_version": pack.cache_version, "image_id": item.image.image_id, "kind": item.kind,
+                    "status": out.status, "raw": out.raw, "attempts": out.calls, "created": round(time.time(), 3),
+                }
+                if out.status == "ok":
+                    entry["output"] = out.parsed.to_json()
+                else:
+                    entry["reason"] = {"code": out.code, "message": out.message}
+                cache.append(entry)
+                fresh.add(item.key)
+            bar.update(1)
+            if consecutive_errors >= config.max_consecutive_failures:
+                raise DatagenError(
+                    f"stopping: {consecutive_errors} items in a row failed in the teacher "
+                    f"(last: {out.code}: {out.message}); finished items are cached, rerun to resume"
+                )
+
+        try:
+            if workers <= 1:
+                for item in todo:
+                    handle(_work(item, teacher, packs[item.kind], config.attempts, uses_context))
+            else:
+                _run_pool(todo, workers, teacher, packs, config.attempts, uses_context, handle)
+        except TeacherFatal as exc:
+            raise DatagenError(f"teacher {teacher.name}: {exc}") from None
+        finally:
+            bar.close()
+            if hasattr(teacher, "close"):
+                teacher.close()
+        gen_seconds = time.perf_counter() - t_gen
+
+        records, rejections = [], []
+        for item in items:
+            st = report.kind(item.kind)
+            st.items += 1
+            entry = cache.get(item.kind, item.key)
+            if entry is not None and entry["status"] == "ok":
+                pack = packs[item.kind]
+                parsed = Parsed.from_json(entry["output"])
+                rng = record_rng(config.seed, item.record_id)
+                pairs = parsed.pairs if parsed.text is None else [(rng.choice(detail_questions.prompts), parsed.text)]
+                provenance = {
+                    "source": "datagen", "kind": item.kind, "image_id": item.image.image_id,
+                    "teacher": entry["teacher"], "model": entry["model"], "prompt_version": pack.version,
+                    "prompt_sha": pack.sha, "cache_key": item.key, "llavakit": __version__,
+                }
+                records.append(make_record(item.record_id, item.image.file_name, pairs, rng, provenance))
+                st.records += 1
+                if item.key in fresh:
+                    st.generated += 1
+                else:
+                    st.cached += 1
+                continue
+            st.rejected += 1
+            if entry is not None:
+                code, message, raw = entry["reason"]["code"], entry["reason"]["message"], entry.get("raw", "")
+                cached = item.key not in fresh
+                st.rejected_cached += int(cached)
+            else:
+                out = errors[item.key]
+                code, message, raw, cached = out.code, out.message, out.raw, False
+            st.reasons[code] += 1
+            rejections.append({"id": item.record_id, "image_id": item.image.image_id, "kind": item.kind,
+                               "code": code, "message": message, "cached": cached, "raw": raw[:RAW_EXCERPT]})
+
+    write_records(config.out, records)
+    rej_path = sidecar(config.out, ".rejections.jsonl")
+    write_json_lines(rej_path, rejections)
+    report_path = sidecar(config.out, ".report.json")
+    report.elapsed_s = time.perf_counter() - t_start
+    generated = report.totals.generated
+    report.info.update({
+        "teacher": teacher.name, "model": teacher.model,
+        "prompt_packs": {k: {"version": p.version, "sha": p.sha, "path": p.path} for k, p in packs.items()},
+        "images": len(dataset.images), "sources": dataset.sources, "seed": config.seed,
+        "concurrency": workers, "cache_dir": str(config.cache_dir), "cache": cache.stats.to_json(),
+        "records_per_s": round(generated / gen_seconds, 1) if generated and gen_seconds > 0 else None,
+        "skipped_missing_images": dataset.skipped_missing_images,
+        "rejections_file": str(rej_path), "report_file": str(report_path),
+    })
+    write_json_atomic(report_path, report.to_json(), indent=2)
+    return report
+
+
+def _run_pool(todo: list[Item], workers: int, teacher, packs, attempts: int, uses_context: bool, handle) -> None:
+    """Run items on `workers` threads with a bounded window; `handle` runs on this thread, in completion order."""
+    ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datagen")
+    pending: set[Future] = set()
+    it = iter(todo)
+    try:
+        def submit_next() -> None:
+            item = next(it, None)
+            if item is not None:
+                pending.add(ex.submit(_work, item, teacher, packs[item.kind], attempts, uses_context))
+
+        for _ in range(2 * workers):
+            submit_next()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                pending.discard(fut)
+                handle(fut.result())
+                submit_next()
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
