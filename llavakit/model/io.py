@@ -85,17 +85,19 @@ def has_cls_token(config) -> bool:
 
 
 def load_model(path: str | Path, *, dtype: str = "float32") -> LoadedModel:
-    """Load a llavakit (or llava-hf style) model dir with its tokenizer, processor and template."""
+    """Load a llavakit model dir (or a run dir holding one in `model/`, or a llava-hf dir)."""
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from llavakit.model.modeling import LlavakitForConditionalGeneration
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {path} (config.json missing)")
+    from llavakit.model.hfdirs import has_record, load_hf_dir, model_dir
+
+    path = model_dir(path)
     hf_logging.disable_progress_bar()
+    if not has_record(path):
+        return load_hf_dir(path)
     model = LlavakitForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
     meta = LlavakitMeta.from_config(model.config)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,160 @@
+"""llava-hf interop: transformers answers as llavakit does; llava-hf dirs come in; clean HF export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_model
+from llavakit.data.render import render_text
+from llavakit.data.templates import IMAGE_TOKEN
+from llavakit.model.io import load_model
+
+QUESTION = "What is in the picture?"
+MAX_NEW = 12
+
+
+def sample_image() -> Image.Image:
+    img = Image.new("RGB", (48, 30), (200, 20, 20))
+    img.paste((20, 20, 220), (10, 5, 30, 25))
+    return img
+
+
+def hf_generate(model_dir, image) -> tuple[list[int], list[int]]:
+    """(prompt ids, new ids) through AutoProcessor + apply_chat_template + LlavaForConditionalGeneration."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    proc = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    enc = proc(images=image, text=text, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False)  # [1, T + new]
+    n = enc["input_ids"].shape[1]
+    return enc["input_ids"][0].tolist(), out[0, n:].tolist()
+
+
+def llavakit_prompt(lm) -> list[int]:
+    """The prompt through llavakit's render path: `<image>` expanded, the recorded template."""
+    content = f"{IMAGE_TOKEN}\n{QUESTION}".replace(IMAGE_TOKEN, IMAGE_TOKEN * lm.image_seq_length)
+    text = render_text(lm.template, lm.tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
+    return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def greedy(lm, ids: list[int], image) -> list[int]:
+    """Greedy decoding through LlavakitForConditionalGeneration, full recompute each step, EOS stops."""
+    pixels = lm.image_processor(image, return_tensors="pt")["pixel_values"]  # [1, 3, H, W]
+    seq, new = list(ids), []
+    with torch.no_grad():
+        for _ in range(MAX_NEW):
+            logits = lm.model(input_ids=torch.tensor([seq]), pixel_values=pixels).logits  # [1, T, V]
+            token = int(logits[0, -1].argmax())
+            new.append(token)
+            if token == lm.tokenizer.eos_token_id:
+                break
+            seq.append(token)
+    return new
+
+
+def strip_record(src, dst):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    del cfg["llavakit"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_transformers_generate_matches_llavakit(tiny_model_dir):
+    lm = load_model(tiny_model_dir)
+    image = sample_image()
+    hf_prompt, hf_new = hf_generate(tiny_model_dir, image)
+    ours = llavakit_prompt(lm)
+    assert hf_prompt == ours
+    assert hf_new == greedy(lm, ours, image)
+    assert len(set(hf_new)) > 1  # a non-degenerate answer, so the comparison means something
+
+
+def test_transformers_generate_matches_infer_pipeline(tiny_model_dir):
+    api = pytest.importorskip("llavakit.infer.api")
+    from llavakit.infer.params import SamplingParams
+
+    pipe = api.load_pipeline(tiny_model_dir, fast=False)
+    image = sample_image()
+    _, hf_new = hf_generate(tiny_model_dir, image)
+    done = pipe.complete([([image], f"{IMAGE_TOKEN}\n{QUESTION}")], SamplingParams(max_new_tokens=MAX_NEW))[0]
+    assert list(done.token_ids) == hf_new and len(set(hf_new)) > 1
+
+
+def test_llava_hf_dir_without_record(tiny_model_dir, tmp_path):
+    """No llavakit record: projector mlp2x_gelu, template = the dir's chat template, aspect from do_pad."""
+    from llavakit.interop.hf import import_hf, load_any
+
+    plain = strip_record(tiny_model_dir, tmp_path / "hf")
+    lm, ref = load_any(plain), load_model(tiny_model_dir)
+    assert lm.template.name == "tokenizer" and lm.template.use_tokenizer_template
+    assert lm.meta.image_aspect_ratio == "pad" and lm.meta.stage == "imported"
+    assert llavakit_prompt(lm) == llavakit_prompt(ref)
+    image = sample_image()
+    assert greedy(lm, llavakit_prompt(lm), image) == greedy(ref, llavakit_prompt(ref), image)
+    again = load_model(import_hf(plain, tmp_path / "imported"))
+    assert again.meta.history == [{"from": "llava-hf", "source": str(plain)}]
+    assert llavakit_prompt(again) == llavakit_prompt(ref)
+
+
+def test_llava_hf_template_for_part_lists_refused(tiny_model_dir, tmp_path):
+    """A template that only reads content-part lists cannot drive llavakit's render path."""
+    from llavakit.interop.hf import load_any
+
+    plain = strip_record(tiny_model_dir, tmp_path / "hf")
+    parts_only = ("{% for m in messages %}{{ m['role'].upper() }}: {% for p in m['content'] %}"
+                  "{% if p['type'] == 'image' %}<image>\n{% else %}{{ p['text'] }}{% endif %}{% endfor %} {% endfor %}"
+                  "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    (plain / "chat_template.jinja").write_text(parts_only)
+    with pytest.raises(ValueError, match="expects content-part lists.*--template"):
+        load_any(plain)
+    lm = load_any(plain, template="vicuna_v1")
+    assert llavakit_prompt(lm) == llavakit_prompt(load_model(tiny_model_dir))
+
+
+def test_export_hf_canonical_layout(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    from llavakit.interop.hf import export_hf
+
+    out = export_hf(tiny_model_dir, tmp_path / "export")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    prefixes = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.", "multi_modal_projector.")
+    assert keys and all(k.startswith(prefixes) for k in keys)
+    assert "vision_tower.vision_model.embeddings.class_embedding" in keys and "language_model.lm_head.weight" in keys
+    hf, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ref = load_model(tiny_model_dir)
+    ids = torch.tensor([llavakit_prompt(ref)])
+    pixels = ref.image_processor(sample_image(), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        assert torch.equal(hf.eval()(input_ids=ids, pixel_values=pixels).logits, ref.model(input_ids=ids, pixel_values=pixels).logits)
+    again = load_model(out)
+    assert again.meta == ref.meta and llavakit_prompt(again) == llavakit_prompt(ref)
+
+
+def test_export_hf_from_a_training_run_dir(tiny_model_dir, tmp_path):
+    from llavakit.interop.hf import export_hf
+
+    shutil.copytree(tiny_model_dir, tmp_path / "run" / "model")
+    out = export_hf(tmp_path / "run", tmp_path / "export")
+    assert load_model(out).meta == load_model(tiny_model_dir).meta
+
+
+def test_export_hf_refuses_linear(tiny_parts, tmp_path):
+    from llavakit.interop.hf import export_hf
+
+    src = make_model(tiny_parts, tmp_path / "lin", projector="linear")
+    with pytest.raises(ValueError, match="projector 'linear' has no llava-hf equivalent"):
+        export_hf(src, tmp_path / "out")
