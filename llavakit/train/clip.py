@@ -1,0 +1,463 @@
+"""Stage 0: CLIP-loss pretraining of a small `CLIPModel` on the generated world (`llavakit train clip`).
+
+The same code path a GPU user would take with openai/clip-vit-large-patch14-336, scaled down: a
+transformers `CLIPModel` (vision + text tower), a real CLIP-format BPE tokenizer, the contrastive
+loss from `CLIPModel(return_loss=True)`, AdamW with warmup and a cosine schedule. The output dir is
+a standard HF CLIP checkpoint (config + safetensors + `CLIPImageProcessorPil` + `CLIPTokenizer`), so
+`CLIPModel`, `CLIPVisionModel`, `AutoImageProcessor` and `llavakit init --vision DIR` load it as they
+would load OpenAI's. Alongside: train_config.json, metrics.jsonl, loss.png and (with a val world)
+eval.json from `clip_eval.evaluate`.
+
+Augmentation: none on pixels, on purpose. Captions name colours, left/right and the 3x3 position
+of objects, and count them, so flips, crops, colour jitter and shifts could each make a caption
+false; the world is cheap to generate, so fresh images do the job augmentation would. The text
+side is varied instead: each epoch draws one of the five captions of every image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PNG = "loss.png"
+
+
+class ClipConfigError(ValueError):
+    """A `ClipTrainConfig` value or key is invalid; the message names it."""
+
+
+@dataclass
+class ClipTrainConfig:
+    """Everything that determines a stage-0 encoder run. Defaults are the recipe of configs/clip-world.yaml."""
+
+    world: str = ""
+    """Training world directory (from `llavakit world --split train`)."""
+    out: str = ""
+    """Output directory: the HF CLIP checkpoint and the run's logs (must be empty or absent)."""
+    val_world: str | None = None
+    """Held-out world directory (val split): validation loss during training, recall and probe worlds after."""
+    # model
+    image_size: int = 112
+    """Input side in pixels (images are padded to a square and resized, as LLaVA's `pad` mode does)."""
+    patch_size: int = 14
+    """ViT patch side; LLaVA's image_seq_length is (image_size / patch_size) ** 2."""
+    vision_hidden: int = 192
+    """Vision transformer width."""
+    vision_layers: int = 6
+    """Vision transformer depth (LLaVA reads layer -2)."""
+    vision_heads: int = 3
+    """Vision attention heads (must divide vision_hidden)."""
+    text_hidden: int = 128
+    """Text transformer width."""
+    text_layers: int = 3
+    """Text transformer depth."""
+    text_heads: int = 2
+    """Text attention heads (must divide text_hidden)."""
+    mlp_ratio: int = 4
+    """MLP width / hidden width in both towers."""
+    projection_dim: int = 128
+    """Width of the shared image-text embedding space."""
+    # tokenizer
+    vocab_size: int = 1024
+    """Upper bound on the BPE vocabulary (512 byte symbols + merges + 2 specials); training stops early when
+    every caption word is one token."""
+    max_text_len: int = 77
+    """Longest tokenised caption (CLIP's 77); longer captions are truncated."""
+    # optimisation
+    epochs: int = 5
+    """Passes over the training world (one random caption of five per image per pass)."""
+    max_steps: int | None = None
+    """Stop after this many steps instead (the cosine schedule spans them)."""
+    batch_size: int = 64
+    """Image-caption pairs per step (the contrastive negatives); the last partial batch of an epoch is dropped."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    min_lr_ratio: float = 0.05
+    """Final learning rate as a fraction of lr (cosine decay)."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; not biases, norms or logit_scale)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas (CLIP's)."""
+    eps: float = 1e-6
+    """AdamW epsilon (CLIP's)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 turns it off)."""
+    seed: int = 0
+    """Seed of initialisation, caption choice and batch order."""
+    threads: int = 2
+    """torch intra-op threads."""
+    compile: bool = True
+    """Wrap the model in torch.compile (fixed shapes: ~10-20 s to compile, then ~1.5x faster on CPU)."""
+    # logging and evaluation
+    log_every: int = 10
+    """Steps between metrics.jsonl lines."""
+    eval_every: int = 250
+    """Steps between validation losses (0: only at the end); needs val_world."""
+    val_images: int = 500
+    """Images of val_world used for validation loss and retrieval recall."""
+    probe_fit_images: int = 2000
+    """Images per probe world to fit the linear probes on (0 skips the probes)."""
+    probe_test_images: int = 1000
+    """Images per probe world to test the linear probes on."""
+    probe_seed: int = 1000
+    """World seed of the generated probe worlds."""
+    evaluate: bool = True
+    """Run `clip_eval.evaluate` after training when val_world is set (writes eval.json)."""
+
+    def __post_init__(self) -> None:
+        self.world, self.out = str(self.world), str(self.out)
+        self.val_world = None if self.val_world in (None, "") else str(self.val_world)
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        self._check_required()
+        self._check_positive()
+        self._check_model()
+        self._check_optim()
+
+    def _check_required(self) -> None:
+        if not self.world:
+            raise ClipConfigError("world is required: the training world directory")
+        if not self.out:
+            raise ClipConfigError("out is required: the output directory")
+
+    def _check_positive(self) -> None:
+        names = ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
+                 "text_layers", "text_heads", "mlp_ratio", "projection_dim", "max_text_len", "epochs",
+                 "batch_size", "threads", "log_every", "val_images", "probe_test_images")  # fmt: skip
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ClipConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "seed", "probe_fit_images", "probe_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ClipConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
+            raise ClipConfigError(f"max_steps must be a positive integer or null, got {self.max_steps!r}")
+
+    def _check_model(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ClipConfigError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.vision_hidden % self.vision_heads:
+            raise ClipConfigError(f"vision_heads ({self.vision_heads}) must divide vision_hidden ({self.vision_hidden})")
+        if self.text_hidden % self.text_heads:
+            raise ClipConfigError(f"text_heads ({self.text_heads}) must divide text_hidden ({self.text_hidden})")
+        if self.vision_layers < 2:
+            raise ClipConfigError("vision_layers must be at least 2 (LLaVA reads layer -2)")
+        if self.vocab_size < 520:
+            raise ClipConfigError(f"vocab_size must be at least 520 (512 byte symbols + merges + 2), got {self.vocab_size}")
+        if self.max_text_len < 3:
+            raise ClipConfigError(f"max_text_len must be at least 3, got {self.max_text_len}")
+
+    def _check_optim(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ClipConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if not (0.0 <= self.min_lr_ratio <= 1.0):
+            raise ClipConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ClipConfigError("weight_decay and grad_clip must be >= 0 and eps > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ClipConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClipTrainConfig:
+        """Build from plain data; an unknown key raises ClipConfigError naming it and the known keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ClipConfigError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+
+@dataclass
+class ClipTrainResult:
+    """What a run did: where it wrote, its losses, speed and (if evaluated) the evaluation report."""
+
+    out: Path
+    steps: int
+    losses: list[float]
+    seconds: float
+    num_params: dict[str, int]
+    eval: dict[str, Any] | None = None
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+# --- model ------------------------------------------------------------------------------
+
+
+def clip_config(cfg: ClipTrainConfig, tokenizer):
+    """The transformers `CLIPConfig` of the run; the text tower's ids come from the tokenizer."""
+    from transformers import CLIPConfig
+
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * cfg.mlp_ratio,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.max_text_len,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        projection_dim=cfg.projection_dim,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * cfg.mlp_ratio,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.projection_dim,
+    )  # fmt: skip
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim)
+
+
+def build_model(cfg: ClipTrainConfig, tokenizer):
+    """A freshly initialised `CLIPModel` (seeded) using SDPA attention."""
+    import torch
+    from transformers import CLIPModel
+
+    torch.manual_seed(cfg.seed)
+    config = clip_config(cfg, tokenizer)
+    config._attn_implementation = "sdpa"
+    return CLIPModel(config)
+
+
+def count_params(model) -> dict[str, int]:
+    def n(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    return {"vision": n(model.vision_model), "text": n(model.text_model), "total": n(model)}
+
+
+def make_optimizer(model, cfg: ClipTrainConfig, total_steps: int):
+    """AdamW (no decay on biases, norms, logit_scale) and a warm-up + cosine LambdaLR."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(total_steps - warmup, 1)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# --- batches ----------------------------------------------------------------------------
+
+
+def epoch_batches(n: int, batch_size: int, generator) -> list:
+    """Index tensors of one shuffled epoch (the partial last batch is dropped: fixed shapes)."""
+    import torch
+
+    order = torch.randperm(n, generator=generator)  # [N]
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def batch_inputs(data, idx, caption: int | None, generator) -> dict:
+    """pixel_values [B, 3, S, S] and input_ids [B, L] for images `idx`: caption `caption` or a random one each."""
+    import torch
+
+    from llavakit.train.clip_data import normalize
+
+    ids = data.input_ids[idx]  # [B, C, L]
+    if caption is None:
+        pick = torch.randint(ids.shape[1], (len(idx),), generator=generator)  # [B]
+    else:
+        pick = torch.full((len(idx),), caption, dtype=torch.long)
+    input_ids = ids[torch.arange(len(idx)), pick]  # [B, L]
+    return {"pixel_values": normalize(data.pixels[idx]), "input_ids": input_ids}
+
+
+def validation_loss(model, data, batch_size: int) -> float:
+    """Mean CLIP loss over full batches of `data` with each image's first caption."""
+    import torch
+
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for start in range(0, max(len(data) - batch_size, 0) + 1, batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(data)))
+            losses.append(model(**batch_inputs(data, idx, 0, None), return_loss=True).loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+# --- run --------------------------------------------------------------------------------
+
+
+def prepare_out(out: str | Path) -> Path:
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"output dir {path} exists and is not empty")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_inputs(cfg: ClipTrainConfig) -> None:
+    """Fail before any work if a world directory is missing or incomplete."""
+    from llavakit.world.load import check_world
+
+    check_world(cfg.world)
+    if cfg.val_world:
+        check_world(cfg.val_world)
+
+
+def log_line(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class _Trainer:
+    """The training loop's state: model, optimiser, data, logs."""
+
+    def __init__(self, cfg: ClipTrainConfig, out: Path, train, val, model, say) -> None:
+        import torch
+
+        self.cfg, self.out, self.train, self.val, self.say = cfg, out, train, val, say
+        self.model = model
+        self.forward = torch.compile(model) if cfg.compile else model
+        per_epoch = len(train) // cfg.batch_size
+        self.total = cfg.max_steps or cfg.epochs * per_epoch
+        self.opt, self.sched = make_optimizer(model, cfg, self.total)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.losses: list[float] = []
+        self.val_losses: list[tuple[int, float]] = []
+        self.metrics = out / METRICS_FILE
+        self.start = time.perf_counter()
+
+    def step(self, idx) -> float:
+        import torch
+
+        out = self.forward(**batch_inputs(self.train, idx, None, self.gen), return_loss=True)
+        out.loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100.0))  # CLIP's temperature cap
+        return out.loss.item()
+
+    def run(self) -> None:
+        step = 0
+        while step < self.total:
+            for idx in epoch_batches(len(self.train), self.cfg.batch_size, self.gen):
+                self.losses.append(self.step(idx))
+                step += 1
+                self.after_step(step, step * self.cfg.batch_size / len(self.train))
+                if step >= self.total:
+                    break
+        if self.val is not None and (not self.val_losses or self.val_losses[-1][0] != step):
+            self.validate(step)
+
+    def after_step(self, step: int, epoch: float) -> None:
+        cfg = self.cfg
+        if step % cfg.log_every == 0 or step == self.total or step == 1:
+            elapsed = time.perf_counter() - self.start
+            recent = self.losses[-cfg.log_every :]
+            record = {"step": step, "epoch": round(epoch, 3), "loss": sum(recent) / len(recent),
+                      "lr": self.sched.get_last_lr()[0], "logit_scale": self.model.logit_scale.exp().item(),
+                      "elapsed_s": round(elapsed, 2), "samples_per_s": round(step * cfg.batch_size / elapsed, 1)}  # fmt: skip
+            log_line(self.metrics, record)
+            self.say(f"step {step}/{self.total} epoch {epoch:.2f} loss {record['loss']:.4f} "
+                     f"lr {record['lr']:.2e} {record['samples_per_s']:.0f} samples/s")  # fmt: skip
+        if self.val is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            self.validate(step)
+
+    def validate(self, step: int) -> None:
+        loss = validation_loss(self.model, self.val, self.cfg.batch_size)
+        self.val_losses.append((step, loss))
+        log_line(self.metrics, {"step": step, "val_loss": loss})
+        self.say(f"step {step} val_loss {loss:.4f}")
+
+
+def plot_losses(path: Path, losses: list[float], val_losses: list[tuple[int, float]]) -> None:
+    """loss.png: per-step training loss, its running mean, and validation loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="train (step)")
+    k = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    ax.plot(steps[k - 1 :], smooth, color="tab:blue", lw=1.5, label=f"train (mean of {k})")
+    if val_losses:
+        ax.plot(*zip(*val_losses), "o-", color="tab:orange", label="val (caption 0)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("CLIP loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_checkpoint(model, cfg: ClipTrainConfig, out: Path) -> None:
+    """The HF CLIP checkpoint (tokenizer files are already there) and the run's config."""
+    from llavakit.train.clip_data import image_processor
+
+    model.save_pretrained(out)
+    image_processor(cfg.image_size).save_pretrained(out)
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def train_clip(cfg: ClipTrainConfig, say=None) -> ClipTrainResult:
+    """Train, save and (with a val world) evaluate an encoder; see the module docstring."""
+    import torch
+
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: ClipTrainConfig, say) -> ClipTrainResult:
+    from llavakit.train.clip_data import build_tokenizer, load_world
+    from llavakit.world import load_scenes
+
+    check_inputs(cfg)
+    t0 = time.perf_counter()
+    scenes = load_scenes(cfg.world)
+    if len(scenes) < cfg.batch_size:
+        raise ClipConfigError(f"batch_size ({cfg.batch_size}) is larger than the training world ({len(scenes)} images)")
+    out = prepare_out(cfg.out)
+    tokenizer = build_tokenizer(scenes, cfg.vocab_size, out)
+    train = load_world(cfg.world, tokenizer, cfg.image_size, cfg.max_text_len, workers=cfg.threads)
+    val = None
+    if cfg.val_world:
+        val = load_world(cfg.val_world, tokenizer, cfg.image_size, cfg.max_text_len, cfg.val_images, cfg.threads)
+    say(f"loaded {len(train)} train / {len(val) if val else 0} val images, vocab {len(tokenizer)} "
+        f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
+    model = build_model(cfg, tokenizer)
+    trainer = _Trainer(cfg, out, train, val, model, say)
+    trainer.run()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    save_checkpoint(model, cfg, out)
+    plot_losses(out / LOSS_PNG, trainer.losses, trainer.val_losses)
+    result = ClipTrainResult(out, trainer.total, trainer.losses, seconds, count_params(model), None, trainer.val_losses)
+    if cfg.val_world and cfg.evaluate:
+        from llavakit.train.clip_eval import EvalConfig, evaluate, format_report
+
+        result.eval = evaluate(out, EvalConfig.from_train(cfg), say=say, train_seconds=seconds)
+        say(format_report(result.eval))
+    return result

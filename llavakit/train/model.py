@@ -1,0 +1,142 @@
+"""The model as trained: what is frozen, LoRA via peft, the param groups, the module accelerate wraps."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+PROJECTOR = "multi_modal_projector"
+"""transformers' name for the LLaVA projector module (a module name, not a model name)."""
+
+
+def resolve_init(path: str | Path) -> Path:
+    """A model dir, or a stage output dir holding `model/`."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"init_from {path}: neither a model dir (config.json) nor a stage output dir (model/config.json)")
+
+
+def llava_of(model: nn.Module) -> nn.Module:
+    """The LlavaForConditionalGeneration inside a peft model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def set_trainable(llava: nn.Module, *, train_lm: bool, train_vision: bool) -> None:
+    """Freeze everything, then unfreeze the projector and whatever the stage trains."""
+    llava.requires_grad_(False)
+    llava.model.multi_modal_projector.requires_grad_(True)
+    if train_vision:
+        llava.model.vision_tower.requires_grad_(True)
+    if train_lm:
+        llava.model.language_model.requires_grad_(True)
+        llava.lm_head.requires_grad_(True)
+
+
+def lm_linear_names(llava: nn.Module) -> list[str]:
+    """Every nn.Linear of the language model, by full name (LLaVA's `find_all_linear_names`)."""
+    prefix = "model.language_model."
+    return [f"{prefix}{name}" for name, m in llava.model.language_model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def apply_lora(llava: nn.Module, lora, *, train_vision: bool) -> nn.Module:
+    """LoRA on the language model; the projector (and vision tower if trained) as full `modules_to_save`."""
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = [PROJECTOR] + (["vision_tower"] if train_vision else [])
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=list(lora.target_modules or lm_linear_names(llava)), modules_to_save=modules_to_save,
+    )
+    with warnings.catch_warnings():  # peft probes a deprecated transformers property
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(llava, config)
+
+
+def prepare_model(llava: nn.Module, cfg) -> nn.Module:
+    """Freeze per stage, enable gradient checkpointing, add LoRA; returns what is trained (llava or peft)."""
+    set_trainable(llava, train_lm=bool(cfg.train_lm) and not cfg.lora.enabled, train_vision=cfg.train_vision)
+    if cfg.runtime.gradient_checkpointing:
+        set_checkpointing(llava, True)
+        llava.config.use_cache = False
+    if cfg.lora.enabled:
+        return apply_lora(llava, cfg.lora, train_vision=cfg.train_vision)
+    return llava
+
+
+def set_checkpointing(llava: nn.Module, on: bool) -> None:
+    """Gradient (activation) checkpointing of every layer, non-reentrant (works with frozen inputs)."""
+    if hasattr(llava, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        if on:
+            llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llava.activation_checkpointing_disable()
+    elif on:
+        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llava.gradient_checkpointing_disable()
+
+
+def param_groups(model: nn.Module, optim) -> list[dict]:
+    """AdamW groups: projector / rest, each with and without weight decay (never on biases and norms)."""
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            buckets.setdefault((PROJECTOR in name, p.ndim >= 2), []).append(p)
+    groups = []
+    for (is_projector, decay), params in sorted(buckets.items()):
+        lr = (optim.projector_lr or optim.lr) if is_projector else optim.lr
+        name = ("projector" if is_projector else "model") + ("" if decay else "_no_decay")
+        groups.append({"params": params, "lr": lr, "weight_decay": optim.weight_decay if decay else 0.0, "name": name})
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen")
+    return groups
+
+
+class TrainModule(nn.Module):
+    """What accelerate wraps: one forward is one micro-batch's loss.
+
+    `num_items` is the divisor of the summed token loss (transformers' `num_items_in_batch`), set
+    so that the gradient of a global batch is the mean over all its target tokens however the
+    batch is split over processes and accumulation steps.
+    """
+
+    def __init__(self, model: nn.Module, freeze_vision_mode: bool):
+        super().__init__()
+        self.model = model
+        self.freeze_vision_mode = freeze_vision_mode
+        self._no_split_modules = getattr(llava_of(model), "_no_split_modules", None)  # for FSDP auto-wrap
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_vision_mode:  # a frozen encoder stays in eval mode, as when its features are cached
+            llava_of(self.model).model.vision_tower.eval()
+        return self
+
+    def forward(self, input_ids, attention_mask, labels, num_items, pixel_values=None, image_features=None):
+        extra = {}
+        if image_features is not None:  # cached encoder output: project it, let the model scatter it
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            projected = llava_of(self.model).model.multi_modal_projector(image_features)  # [N, S, Dt]
+            # the same structure get_image_features returns: one [S, Dt] tensor per image
+            extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+        elif pixel_values is not None:
+            extra["pixel_values"] = pixel_values  # [N, 3, H, W]
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                         num_items_in_batch=num_items, use_cache=False, **extra)
+        return out.loss
+
+
+def count_params(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def trainable_names(module: nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.requires_grad}

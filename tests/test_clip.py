@@ -1,0 +1,239 @@
+"""Stage 0 (`llavakit train clip`): a tiny real encoder run, its HF CLIP checkpoint, evaluation, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llavakit.train import clip_cli
+from llavakit.train.clip import ClipConfigError, ClipTrainConfig, train_clip
+from llavakit.train.clip_data import BOS, EOS, build_tokenizer, normalize, square_pixels
+from llavakit.train.clip_eval import linear_probe, recall_at
+from llavakit.world import WorldConfig, generate_world, load_scenes
+
+ROOT = Path(__file__).resolve().parents[1]
+# Few, well-separated colours on a plain white background: a tiny model can learn them in seconds.
+TINY_WORLD = dict(min_size=64, max_size=80, colors=("red", "green", "blue", "black"), background_colors=("white",),
+                  categories=("circle", "square", "triangle"), max_objects=3)  # fmt: skip
+# One thread: a model this small gains nothing from two, and loses a lot when the CPU is shared.
+TINY_MODEL = dict(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, vision_heads=4, text_hidden=64,
+                  text_layers=2, text_heads=4, projection_dim=64, batch_size=16, max_steps=80, warmup_steps=20,
+                  lr=2e-3, log_every=1, eval_every=40, val_images=30, probe_fit_images=120,
+                  probe_test_images=80, threads=1)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("clip_worlds")
+    generate_world(WorldConfig(out=root / "train", num_images=64, seed=3, split="train", **TINY_WORLD))
+    generate_world(WorldConfig(out=root / "val", num_images=30, seed=3, split="val", **TINY_WORLD))
+    return {"train": root / "train", "val": root / "val"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(worlds, tmp_path_factory):
+    """One tiny-budget training run with evaluation: (result, CPU seconds it took).
+
+    CPU time, not wall time: with one thread it is what the run takes on an idle machine (~10 s),
+    and it does not grow when other jobs share the CPU.
+    """
+    out = tmp_path_factory.mktemp("clip_run") / "enc"
+    cfg = ClipTrainConfig(world=str(worlds["train"]), val_world=str(worlds["val"]), out=str(out), **TINY_MODEL)
+    start = time.process_time()
+    result = train_clip(cfg, say=lambda msg: None)
+    return result, time.process_time() - start
+
+
+def test_tiny_run_lowers_loss_and_probe_beats_chance(tiny_run):
+    result, cpu_seconds = tiny_run
+    assert cpu_seconds < 40
+    assert len(result.losses) == 80
+    first, last = np.mean(result.losses[:8]), np.mean(result.losses[-8:])
+    assert last < first - 0.4, (first, last)
+    assert result.val_losses[-1][1] < result.val_losses[0][1]
+    colour = result.eval["probes"]["patch_mean"]["color"]
+    assert colour["classes"] == 4 and colour["test"] == 80
+    assert colour["acc"] > max(colour["chance"], colour["majority"]) + 0.25, colour
+    assert set(result.eval["probes"]["pooled"]) == {"color", "shape", "count", "position"}
+    r = result.eval["retrieval"]
+    assert r["queries"] == 150 and 0.0 <= r["t2i_r1"] <= r["t2i_r5"] <= 1.0
+
+
+def test_run_writes_logs_and_config(tiny_run):
+    result, _ = tiny_run
+    out = result.out
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "vocab.json", "merges.txt",
+                 "train_config.json", "metrics.jsonl", "loss.png", "eval.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == list(range(1, 81))
+    assert [x["step"] for x in lines if "val_loss" in x] == [40, 80]
+    saved = json.loads((out / "train_config.json").read_text())
+    assert ClipTrainConfig.from_dict(saved) == ClipTrainConfig(**{**saved, "betas": tuple(saved["betas"])})
+    assert Image.open(out / "loss.png").size[0] > 100
+
+
+def test_checkpoint_loads_as_hf_clip(tiny_run, worlds):
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPTokenizer, CLIPVisionModel
+
+    out = tiny_run[0].out
+    model = CLIPModel.from_pretrained(out).eval()
+    vision = CLIPVisionModel.from_pretrained(out).eval()
+    proc = AutoImageProcessor.from_pretrained(out)
+    tok = CLIPTokenizer.from_pretrained(out)
+    assert type(AutoTokenizer.from_pretrained(out)).__name__ == "CLIPTokenizer"
+    assert model.config.text_config.eos_token_id == tok.eos_token_id
+    assert proc.crop_size == {"height": 32, "width": 32}
+    image = Image.new("RGB", (32, 32), (200, 20, 20))
+    pixels = proc(image, return_tensors="pt")["pixel_values"]  # [1, 3, 32, 32]
+    with torch.no_grad():
+        a = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # [1, 17, 64]
+        b = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        out_ = model(**tok(["A red square."], return_tensors="pt"), pixel_values=pixels)
+    assert a.shape == (1, 17, 64) and torch.allclose(a, b)
+    assert out_.logits_per_text.shape == (1, 1)
+
+
+def test_tokenizer_is_clip_format(tiny_run, tmp_path):
+    from transformers import CLIPTokenizer
+
+    out = tiny_run[0].out
+    vocab = json.loads((out / "vocab.json").read_text())
+    ids = sorted(vocab.values())
+    assert ids == list(range(len(vocab))) and vocab[BOS] == len(vocab) - 2 and vocab[EOS] == len(vocab) - 1
+    assert vocab["!"] == 0 and vocab["!</w>"] == 256
+    merges = (out / "merges.txt").read_text().splitlines()
+    assert merges[0].startswith("#version") and all(len(m.split(" ")) == 2 for m in merges[1:])
+    # vocab.json + merges.txt alone (what OpenAI ships) load to the same tokenizer
+    shutil.copy(out / "vocab.json", tmp_path / "vocab.json")
+    shutil.copy(out / "merges.txt", tmp_path / "merges.txt")
+    full, bare = CLIPTokenizer.from_pretrained(out), CLIPTokenizer.from_pretrained(tmp_path)
+    text = "Two RED circles; a Zebra café ✓ at the top left."
+    assert full(text)["input_ids"] == bare(text)["input_ids"]
+    toks = full.convert_ids_to_tokens(full(text)["input_ids"])
+    assert toks[0] == BOS and toks[-1] == EOS and EOS not in toks[1:-1]  # no unknown pieces anywhere
+    assert "two</w>" in toks and "red</w>" in toks
+    assert full.decode(full(text)["input_ids"], skip_special_tokens=True).startswith("two red circles")
+
+
+def test_build_tokenizer_truncates_to_budget(tmp_path):
+    scenes = [{"captions": [f"A {c} {s} sits on the left." for c in ("red", "blue") for s in ("circle", "star")]}]
+    tok = build_tokenizer(scenes, 530, tmp_path)
+    assert len(tok) <= 530
+
+
+def test_init_model_uses_the_encoder_as_vision_tower(tiny_run, tmp_path):
+    from transformers import CLIPVisionModel
+
+    from llavakit.model.build import InitConfig, init_model
+    from llavakit.model.io import load_model
+    from llavakit.model.tiny import tiny_llama
+
+    enc = tiny_run[0].out
+    lm = tiny_llama(tmp_path / "llama")
+    out = init_model(InitConfig(vision=str(enc), lm=str(lm), out=str(tmp_path / "llava")))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["image_seq_length"] == 16 and cfg["vision_feature_layer"] == -2
+    loaded = load_model(out)
+    tower = loaded.model.model.vision_tower.state_dict()
+    for key, value in CLIPVisionModel.from_pretrained(enc).state_dict().items():
+        assert torch.equal(tower[key], value), key
+    pixels = loaded.image_processor([Image.new("RGB", (60, 40), (20, 200, 20))], return_tensors="pt")["pixel_values"]
+    assert tuple(pixels.shape) == (1, 3, 32, 32)
+
+
+def test_pixels_match_llava_pad_processor(worlds, tmp_path):
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    files = [worlds["train"] / s["file_name"] for s in load_scenes(worlds["train"])[:3]]
+    for size in ((90, 50), (40, 70)):  # wide and tall: padded to a centred square, nothing cropped
+        image = Image.new("RGB", size, (250, 250, 250))
+        image.paste((220, 30, 30), (2, 2, 20, 20))
+        image.save(tmp_path / f"{size[0]}x{size[1]}.png")
+        files.append(tmp_path / f"{size[0]}x{size[1]}.png")
+    llava = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    for file in files:
+        ours = normalize(torch.from_numpy(square_pixels(file, 32))[None])  # [1, 3, 32, 32]
+        theirs = llava(Image.open(file).convert("RGB"), return_tensors="pt")["pixel_values"]  # [1, 3, 32, 32]
+        assert (ours - theirs).abs().max().item() < 1e-5, file
+
+
+def test_recall_and_probe_math():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.1, 0.2, 0.3], [0.5, 0.55, 0.6]])  # [Q=4, N=3]
+    r = recall_at(sim, torch.tensor([0, 1, 2, 0]), (1, 2))
+    assert r == {1: 0.5, 2: 0.75}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=gen)  # [N, D]
+    y = [str(int(v)) for v in (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()]
+    good = linear_probe(x[:200], y[:200], x[200:], y[200:])
+    assert good["acc"] > 0.9 and good["classes"] == 4
+    shuffled = [y[int(i)] for i in torch.randperm(300, generator=gen)]
+    bad = linear_probe(x[:200], shuffled[:200], x[200:], shuffled[200:])
+    assert bad["acc"] < 0.5
+
+
+def test_eval_mode_prints_recall_and_writes_json(tiny_run, worlds, tmp_path, capsys):
+    enc = tiny_run[0].out
+    code = clip_cli.main(["--eval", "--model", str(enc), "--world", str(worlds["val"]), "--out", str(tmp_path),
+                          "probe_fit_images=0", "val_images=20"])  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "R@1" in text and "R@5" in text
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["retrieval"]["images"] == 20 and report["image_tokens"] == 16
+    assert clip_cli.main(["--eval", "--model", str(enc), "--world", str(worlds["val"]), "--out", str(tmp_path),
+                          "--random-init", "probe_fit_images=0", "val_images=20"]) == 0  # fmt: skip
+    assert (tmp_path / "eval_random_init.json").is_file()
+
+
+def test_missing_world_is_a_clear_error(tmp_path, capsys):
+    code = clip_cli.main(["--world", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert code == 1
+    assert f"world directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=r"nope does not exist"):
+        train_clip(ClipTrainConfig(world=str(tmp_path / "nope"), out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "culprit"),
+    [
+        (["lerning_rate=0.1"], "unknown config key(s) lerning_rate"),
+        (["image_size=100"], "multiple of patch_size"),
+        (["vision_heads=5"], "must divide vision_hidden"),
+        (["batch_size=0"], "batch_size must be a positive integer"),
+        (["lr=-1"], "lr must be a positive number"),
+        (["epochs"], "not KEY=VALUE"),
+    ],
+)
+def test_bad_config_names_the_culprit(worlds, tmp_path, capsys, overrides, culprit):
+    code = clip_cli.main(["--world", str(worlds["train"]), "--out", str(tmp_path / "o"), *overrides])
+    assert code == 1
+    assert culprit in capsys.readouterr().err
+
+
+def test_config_errors_and_nonempty_out(worlds, tmp_path):
+    with pytest.raises(ClipConfigError, match="world is required"):
+        ClipTrainConfig(out="x")
+    with pytest.raises(ClipConfigError, match="larger than the training world"):
+        train_clip(ClipTrainConfig(world=str(worlds["train"]), out=str(tmp_path / "big"), batch_size=512))
+    assert not (tmp_path / "big").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        train_clip(ClipTrainConfig(world=str(worlds["train"]), out=str(tmp_path / "full"), batch_size=16))
+
+
+def test_recipe_file_is_the_default_config():
+    args = clip_cli.build_parser().parse_args(
+        ["--config", str(ROOT / "configs" / "clip-world.yaml"), "--world", "w", "--val-world", "v", "--out", "o"]
+    )
+    cfg = clip_cli.train_config(args)
+    assert cfg == ClipTrainConfig(world="w", val_world="v", out="o")  # the dataclass defaults are the recipe

@@ -1,0 +1,390 @@
+"""Two-stage training on tiny models: what each stage trains, LoRA, loss masking, resume, feature
+cache, bad data, dry runs of the 7B recipes, and init -> align -> instruct end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from llavakit.cli import main
+from llavakit.model.io import load_model
+from llavakit.train.config import TrainConfig
+from llavakit.train.synthetic import write_dataset
+from llavakit.train.trainer import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is fastest, and in-process and subprocess runs then agree exactly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    root = tmp_path_factory.mktemp("squares")
+    caption, images = write_dataset(root, 40, "caption")
+    qa, _ = write_dataset(root, 40, "qa", text_only=4, multi_image=4)
+    return {"caption": caption, "qa": qa, "images": images}
+
+
+def config(stage, init, out, records, images, **sections) -> TrainConfig:
+    base = {
+        "stage": stage, "init_from": str(init), "out": str(out),
+        "data": {"path": str(records), "image_folder": str(images), "num_workers": 0, "eval_size": 8},
+        "optim": {"batch_size": 8, "micro_batch_size": 4, "epochs": 1},
+        "log": {"progress": False, "tensorboard": False, "plot": False},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return TrainConfig.from_dict(base)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_model(path).model.state_dict().items()}
+
+
+def report(out) -> dict:
+    return json.loads((Path(out) / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def aligned(tiny_model_dir, squares, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align") / "run"
+    cfg = config("align", tiny_model_dir, out, squares["caption"], squares["images"],
+                 log={"tensorboard": True, "plot": True}, checkpoint={"every_steps": 2, "keep_last": 2})
+    return train(cfg)
+
+
+def test_align_trains_only_the_projector(aligned, tiny_model_dir):
+    before, after = weights(tiny_model_dir), weights(aligned / "model")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if "multi_modal_projector" in k}  # everything else bit-identical
+    lm = load_model(aligned / "model")
+    assert lm.meta.stage == "align" and lm.template.name == "vicuna_v1"  # the chat template is kept for stage 2
+    entry = lm.meta.history[-1]
+    assert entry["stage"] == "align" and entry["template"] == "plain" and entry["config"]["optim"]["lr"] == 1e-3
+
+
+def test_align_writes_every_output(aligned):
+    names = {p.name for p in aligned.iterdir()}
+    assert {"model", "checkpoints", "metrics.jsonl", "tb", "loss.png", "config.yaml", "report.json"} <= names
+    assert [p.name for p in sorted((aligned / "checkpoints").iterdir())] == ["step-2", "step-4"]  # keep_last 2 of 2, 4
+    assert (aligned / "checkpoints" / "step-4" / "config.yaml").read_text() == (aligned / "config.yaml").read_text()
+    assert any((aligned / "tb").iterdir()) and Image.open(aligned / "loss.png").size[0] > 300
+    r = report(aligned)
+    assert r["steps"] == 4 and r["records"] == {"train": 32, "eval": 8, "dropped_incomplete_batch_per_epoch": 0}
+    assert 0 <= r["padding_fraction_per_epoch"][0]["padding_fraction"] < 0.5 and r["skipped"]["count"] == 0
+    kinds = [m["kind"] for m in map(json.loads, (aligned / "metrics.jsonl").read_text().splitlines())]
+    assert kinds.count("train") == 4 and kinds.count("eval") == 2 and kinds.count("epoch") == 1
+    first = json.loads((aligned / "metrics.jsonl").read_text().splitlines()[1])
+    assert {"loss", "lr", "tokens_per_s", "grad_norm", "padding_fraction"} <= first.keys()
+
+
+def test_instruct_full_trains_language_model_and_projector(aligned, squares, tmp_path):
+    out = train(config("instruct", aligned, tmp_path / "full", squares["qa"], squares["images"], optim={"lr": 1e-3}))
+    before, after = weights(aligned / "model"), weights(out / "model")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any("vision_tower" in k for k in changed)  # frozen unless train_vision
+    assert any("multi_modal_projector" in k for k in changed) and any("language_model.layers" in k for k in changed)
+    assert "model.language_model.embed_tokens.weight" in changed and "lm_head.weight" in changed
+    meta = load_model(out / "model").meta
+    assert meta.stage == "instruct" and [h["stage"] for h in meta.history] == ["align", "instruct"]
+
+
+def test_instruct_lora_merges_into_a_transformers_model(aligned, squares, tmp_path):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = config("instruct", aligned, tmp_path / "lora", squares["qa"], squares["images"],
+                 optim={"lr": 1e-2, "projector_lr": 1e-3}, lora={"enabled": True, "r": 4, "alpha": 8, "save_adapter": True})
+    out = train(cfg)
+    hf, info = LlavaForConditionalGeneration.from_pretrained(out / "model", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    ids = torch.tensor([[1, 5, 9, 30, 31, 2]])
+    base = load_model(aligned / "model").model
+    with torch.no_grad():
+        merged = hf.eval()(input_ids=ids).logits  # [1, T, V]
+        untrained = base(input_ids=ids).logits
+        adapter = PeftModel.from_pretrained(base, out / "adapter").eval()  # base + adapter == merged
+        assert (adapter(input_ids=ids).logits - merged).abs().max() < 1e-4
+    assert (untrained - merged).abs().max() > 1e-3  # and training changed the model
+    train_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert train_rows[0]["lr"] / train_rows[0]["projector_lr"] == pytest.approx(10.0)  # own projector LR
+    before, after = weights(aligned / "model"), weights(out / "model")
+    assert not torch.equal(before["model.language_model.layers.0.self_attn.q_proj.weight"],
+                           after["model.language_model.layers.0.self_attn.q_proj.weight"])  # LoRA merged in
+    assert all(torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
+
+
+def test_loss_is_the_mean_over_assistant_tokens_of_the_global_batch(tiny_model_dir, squares):
+    """Labels reach the loss as rendered: only assistant tokens count, padding changes nothing, and
+    micro-batch losses with the global divisor add up to the loss of the whole batch."""
+    from llavakit.train.data import Collate, LazyDataset
+    from llavakit.train.model import TrainModule
+    from llavakit.train.setup import make_source
+
+    cfg = config("instruct", tiny_model_dir, "unused", squares["qa"], squares["images"])
+    lm = load_model(tiny_model_dir)
+    source = make_source(cfg, lm, cfg.data.path)
+    samples = [LazyDataset(source)[i] for i in (0, 1, 2, 41)]  # 41: a text-only record
+    collate, module = Collate(lm.tokenizer.pad_token_id), TrainModule(lm.model, True).eval()
+    whole = collate(samples)
+    n = torch.tensor(float(whole.n_targets))
+    with torch.no_grad():
+        loss = module(**whole.model_inputs("cpu"), num_items=n)
+        logits = lm.model(input_ids=whole.input_ids, pixel_values=whole.pixel_values,
+                          attention_mask=whole.attention_mask).logits  # [B, T, V]
+        target = whole.labels[:, 1:]  # [B, T-1]
+        keep = target != -100
+        manual = torch.nn.functional.cross_entropy(logits[:, :-1][keep], target[keep])
+        parts = [module(**collate(s).model_inputs("cpu"), num_items=n) for s in (samples[:2], samples[2:])]
+        one = torch.tensor(1.0)  # num_items 1: summed token loss
+        together = module(**collate(samples[2:]).model_inputs("cpu"), num_items=one)  # the short one is padded
+        apart = [module(**collate([s]).model_inputs("cpu"), num_items=one) for s in samples[2:]]
+    rendered = sum(sum(1 for x in s.labels if x != -100) for s in samples)
+    assert int(keep.sum()) == whole.n_targets == rendered < whole.n_tokens / 3  # prompts and images are not trained
+    assert loss.item() == pytest.approx(manual.item(), abs=1e-5)
+    assert sum(p.item() for p in parts) == pytest.approx(loss.item(), abs=1e-5)
+    assert len(samples[2].input_ids) != len(samples[3].input_ids)
+    assert together.item() == pytest.approx(sum(a.item() for a in apart), abs=1e-4)  # pad columns add nothing
+
+
+def test_gradient_checkpointing_and_bf16_autocast(aligned, squares, tmp_path):
+    runtimes = {"plain": {}, "ckpt": {"gradient_checkpointing": True}, "bf16": {"mixed_precision": "bf16"}}
+    runs = {name: report(train(config("instruct", aligned, tmp_path / name, squares["qa"], squares["images"],
+                                      runtime=rt, optim={"max_steps": 3}, eval={"at_start": False})))
+            for name, rt in runtimes.items()}
+    assert runs["plain"]["mixed_precision"] == "no"  # auto: fp32 on CPU (faster there than bf16)
+    assert runs["ckpt"]["final_loss"] == pytest.approx(runs["plain"]["final_loss"], abs=1e-6)  # recomputed, same math
+    assert runs["bf16"]["mixed_precision"] == "bf16" and runs["bf16"]["final_loss"] != runs["plain"]["final_loss"]
+    assert runs["bf16"]["final_loss"] == pytest.approx(runs["plain"]["final_loss"], abs=0.05)
+
+
+def run_cli_subprocess(args: list[str], **env) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", **env}
+    return subprocess.run([sys.executable, "-m", "llavakit.cli", *args], cwd=REPO, env=environ,
+                          capture_output=True, text=True, timeout=600)
+
+
+def write_config(cfg: TrainConfig, path: Path, **changes) -> Path:
+    data = copy.deepcopy(cfg.to_dict())
+    for key, value in changes.items():
+        section, _, leaf = key.partition("__")
+        (data[section].__setitem__(leaf, value) if leaf else data.__setitem__(section, value))
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_killed_run_resumes_exactly(aligned, squares, tmp_path):
+    """SIGKILL right after step 5 (checkpoint at 4), resume: same losses and weights as one run."""
+    cfg = config("instruct", aligned, tmp_path / "whole", squares["qa"], squares["images"],
+                 optim={"lr": 5e-3, "epochs": 2}, lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1},
+                 checkpoint={"every_steps": 2, "keep_last": 1}, data={"num_workers": 1, "eval_size": 8})
+    whole = train(cfg)
+    path = write_config(cfg, tmp_path / "c.yaml", out=str(tmp_path / "split"), runtime__kill_after_step=5)
+    killed = run_cli_subprocess(["train", str(path)])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] == ["step-4"]
+    resumed = train(TrainConfig.from_dict({**cfg.to_dict(), "out": str(tmp_path / "split")}), resume=True)
+    a, b = report(whole), report(resumed)
+    assert b["resumed_from_step"] == 4 and a["steps"] == b["steps"] == 10
+    assert b["final_loss"] == pytest.approx(a["final_loss"], abs=1e-6)
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-6)
+    assert a["padding_fraction_per_epoch"] == b["padding_fraction_per_epoch"] and a["tokens"] == b["tokens"]
+    wa, wb = weights(whole / "model"), weights(resumed / "model")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert steps == list(range(1, 11))  # each step once: the killed run's step 5 was dropped on resume
+
+
+def test_feature_cache_gives_the_same_losses(tiny_model_dir, squares, tmp_path):
+    half = tmp_path / "half.json"
+    half.write_text(json.dumps(json.loads(squares["caption"].read_text())[:20]))
+    cache = {"feature_cache": str(tmp_path / "cache")}
+    train(config("align", tiny_model_dir, tmp_path / "first", half, squares["images"], data=cache, optim={"max_steps": 1}))
+    assert len(json.loads((tmp_path / "cache" / "meta.json").read_text())["images"]) == 20
+    plain = config("align", tiny_model_dir, tmp_path / "plain", squares["caption"], squares["images"])
+    cached = config("align", tiny_model_dir, tmp_path / "cached", squares["caption"], squares["images"], data=cache)
+    a, b = report(train(plain)), report(train(cached))  # the cache is extended to all 40 images
+    assert b["final_loss"] == pytest.approx(a["final_loss"], abs=1e-5)
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
+    assert b["first_eval_loss"] == pytest.approx(a["first_eval_loss"], abs=1e-5)
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert len(meta["images"]) == 40 and meta["shape"] == [16, 32]  # 16 patches x CLIP hidden 32, pre-projector
+
+
+def test_stale_feature_cache_is_refused(tiny_model_dir, squares, tmp_path):
+    from llavakit.model.io import has_cls_token, save_model
+    from llavakit.train.features import StaleCacheError
+
+    cache = str(tmp_path / "cache")
+    train(config("align", tiny_model_dir, tmp_path / "a", squares["caption"], squares["images"],
+                 data={"feature_cache": cache}, optim={"max_steps": 1}, eval={"at_start": False}))
+    lm = load_model(tiny_model_dir)
+    with torch.no_grad():
+        next(lm.model.model.vision_tower.parameters()).add_(0.01)  # another encoder
+    other = save_model(lm.model, lm.tokenizer, lm.image_processor, tmp_path / "other", has_cls=has_cls_token(lm.model.config))
+    with pytest.raises(StaleCacheError, match="is stale"):
+        train(config("align", other, tmp_path / "b", squares["caption"], squares["images"], data={"feature_cache": cache}))
+
+
+@pytest.fixture()
+def bad_data(squares, tmp_path):
+    records = json.loads(squares["caption"].read_text())[:15]
+    png = (squares["images"] / "sq_1.png").read_bytes()
+    (tmp_path / "broken.png").write_bytes(png[: len(png) // 2])  # a truncated download
+    bad = [
+        {"id": "two-markers", "image": "sq_0.png", "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]},
+        {"id": "missing-image", "image": "nope.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]},
+        {"id": "corrupt-image", "image": str(tmp_path / "broken.png"), "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]},
+    ]
+    def write(name, recs):
+        path = tmp_path / name
+        path.write_text(json.dumps(recs))
+        return path
+    return {"write": write, "good": records, "bad": {r["id"]: r for r in bad}}
+
+
+@pytest.mark.parametrize("bad_id, message", [
+    ("two-markers", "has 1 image(s) but 2 <image> marker(s)"),
+    ("missing-image", "image file not found"),
+    ("corrupt-image", "corrupt or truncated image"),
+])
+def test_bad_record_stops_training_naming_it(tiny_model_dir, squares, bad_data, tmp_path, bad_id, message):
+    path = bad_data["write"]("d.json", bad_data["good"] + [bad_data["bad"][bad_id]])
+    cfg = config("align", tiny_model_dir, tmp_path / "out", path, squares["images"],
+                 data={"eval_size": 0}, optim={"batch_size": 16, "micro_batch_size": 8})
+    with pytest.raises(ValueError) as exc:
+        train(cfg)
+    assert f"record '{bad_id}'" in str(exc.value) and message in str(exc.value)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["images", "feature-cache"])
+def test_bad_records_skipped_are_counted_and_reported(tiny_model_dir, squares, bad_data, tmp_path, cached):
+    path = bad_data["write"]("d.json", bad_data["good"] + list(bad_data["bad"].values()))  # 16 usable: one step
+    data = {"eval_size": 0, "on_bad_record": "skip", "feature_cache": str(tmp_path / "fc") if cached else None}
+    cfg = config("align", tiny_model_dir, tmp_path / "out", path, squares["images"],
+                 data=data, optim={"batch_size": 16, "micro_batch_size": 8})
+    r = report(train(cfg))
+    assert r["skipped"]["count"] == 3 and r["steps"] == 1
+    assert {s["id"] for s in r["skipped"]["records"]} == {"two-markers", "missing-image", "corrupt-image"}
+    reasons = {s["id"]: s["reason"] for s in r["skipped"]["records"]}
+    assert "not found" in reasons["missing-image"] and "corrupt" in reasons["corrupt-image"]
+
+
+@pytest.mark.parametrize("recipe", ["llava-1.5-7b/align.yaml", "llava-1.5-7b/instruct.yaml", "llava-1.5-7b-lora/instruct.yaml"])
+def test_dry_run_of_the_7b_recipes(recipe, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["train", f"configs/{recipe}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: ok" in out and "FAIL" not in out and "stand-in run: 2 steps" in out
+    assert "ZeRO stage" in out and "8 proc -> 1 accumulation step(s)" in out
+
+
+def test_dry_run_reports_a_broken_deepspeed_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    ds = json.loads((REPO / "configs/deepspeed/zero3.json").read_text())
+    ds["zero_optimization"]["reduce_bucket_size"] = "auto"
+    ds["optimizer"] = {"type": "AdamW"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    rc = main(["train", "configs/llava-1.5-7b/instruct.yaml", "--dry-run", f"runtime.deepspeed={tmp_path / 'ds.json'}"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "zero_optimization.reduce_bucket_size must be a number" in out and "remove 'optimizer'" in out
+
+
+def test_train_clip_is_delegated(monkeypatch):
+    import types
+
+    seen = []
+    fake = types.ModuleType("llavakit.train.clip_cli")
+    fake.main = lambda argv: seen.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "llavakit.train.clip_cli", fake)
+    assert main(["train", "clip", "--epochs", "3", "data.json"]) == 7 and seen == [["--epochs", "3", "data.json"]]
+
+
+def test_train_clip_missing_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "llavakit.train.clip_cli", None)
+    assert main(["train", "clip", "--epochs", "3"]) == 1
+    assert "llavakit.train.clip_cli is not installed" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_used_out_dir_and_unknown_keys(aligned, capsys):
+    assert main(["train", str(aligned / "config.yaml")]) == 1
+    assert "exists and is not empty (use --resume" in capsys.readouterr().err
+    assert main(["train", str(aligned / "config.yaml"), "optim.learning_rate=1"]) == 1
+    assert "unknown key 'optim.learning_rate'" in capsys.readouterr().err
+
+
+def colour_accuracy(model_dir, records, images, colours) -> float:
+    """Share of held-out images whose true colour is the likeliest of `colours` as the answer."""
+    from llavakit.data.render import RenderOptions, render_record
+
+    lm = load_model(model_dir)
+    opts, hits = RenderOptions(lm.image_seq_length), 0
+    for rec in records:
+        pixels = lm.image_processor([Image.open(images / rec["image"]).convert("RGB")], return_tensors="pt")["pixel_values"]
+        scores = {}
+        for colour in colours:
+            r = {**rec, "conversations": [rec["conversations"][0], {"from": "gpt", "value": colour}]}
+            s = render_record(r, lm.tokenizer, lm.template, opts)
+            with torch.no_grad():
+                out = lm.model(input_ids=torch.tensor([s.input_ids]), pixel_values=pixels, labels=torch.tensor([s.labels]))
+            scores[colour] = out.loss.item()
+        hits += min(scores, key=scores.get) == rec["conversations"][1]["value"]
+    return hits / len(records)
+
+
+def test_init_align_instruct_pipeline_learns(tmp_path, capsys):
+    """`llavakit init` -> `train` align -> `train` instruct (CLI, YAML) on coloured squares; the
+    model learns to answer "What colour is the square?" about held-out images."""
+    from llavakit.model import tiny
+    from llavakit.train.synthetic import caption_records, instruct_records, write_images
+
+    colours = ["blue", "green", "red", "yellow"]
+    images = write_images(tmp_path / "images", 120, seed=3, colours=colours)
+    (tmp_path / "cap.json").write_text(json.dumps(caption_records(images[:100])))
+    (tmp_path / "qa.json").write_text(json.dumps(instruct_records(images[:100], text_only=4)))
+    held = instruct_records(images[100:], seed=9)
+    (tmp_path / "held.json").write_text(json.dumps(held))
+    vision, lm = tiny.tiny_clip(tmp_path / "clip"), tiny.tiny_llama(tmp_path / "llama", hidden=128)
+    assert main(["init", "--vision", str(vision), "--lm", str(lm), "--out", str(tmp_path / "init")]) == 0
+    data = {"image_folder": str(tmp_path / "images"), "num_workers": 2}
+    stages = {
+        "align": {"stage": "align", "init_from": str(tmp_path / "init"), "out": str(tmp_path / "align"),
+                  "data": {**data, "path": str(tmp_path / "cap.json"), "eval_size": 8}, "optim": {"epochs": 2}},
+        "instruct": {"stage": "instruct", "init_from": str(tmp_path / "align"), "out": str(tmp_path / "instruct"),
+                     "data": {**data, "path": str(tmp_path / "qa.json"), "eval_path": str(tmp_path / "held.json"),
+                              "feature_cache": str(tmp_path / "features")},
+                     "optim": {"epochs": 8, "lr": 2e-3}, "eval": {"every_steps": 12}},
+    }
+    for name, stage in stages.items():
+        stage["optim"].update(batch_size=16, micro_batch_size=8)
+        stage["log"] = {"progress": False}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(stage))
+        assert main(["train", str(tmp_path / f"{name}.yaml")]) == 0, capsys.readouterr().err
+    out = tmp_path / "instruct"
+    assert {"model", "metrics.jsonl", "tb", "loss.png", "config.yaml", "report.json"} <= {p.name for p in out.iterdir()}
+    r = report(out)
+    assert r["steps"] == 8 * (104 // 16) and r["eval_loss"] < 0.4 * r["first_eval_loss"]  # held-out loss drops
+    before = colour_accuracy(tmp_path / "init", held, tmp_path / "images", colours)
+    after = colour_accuracy(out / "model", held, tmp_path / "images", colours)
+    assert after >= 0.8 and after >= before + 0.4, (before, after)  # answers about unseen images improve
+    assert [h["stage"] for h in load_model(out / "model").meta.history] == ["align", "instruct"]
