@@ -48,8 +48,10 @@ def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
 def run_clip(argv: list[str]) -> int:
     from llavakit.cli import CLIError
 
-    try:
-        from llavakit.train import clip_cli
+    import importlib
+
+    try:  # import_module consults sys.modules, so an already-imported module is reused as is
+        clip_cli = importlib.import_module("llavakit.train.clip_cli")
     except ModuleNotFoundError as exc:
         if exc.name != "llavakit.train.clip_cli":
             raise
