@@ -12,8 +12,16 @@ import importlib
 import sys
 
 COMMANDS: list[str] = [
+    "llavakit.world.cli",  # world
+    "llavakit.datagen.cli",  # datagen
     "llavakit.model.cli",  # init
     "llavakit.data.cli",  # data inspect
+    "llavakit.train.cli",  # train
+    "llavakit.infer.cli",  # chat, predict
+    "llavakit.serve.cli",  # serve
+    "llavakit.eval.cli",  # eval
+    "llavakit.interop.cli",  # convert, export
+    "llavakit.recipe.cli",  # recipe, demo
 ]
 
 

@@ -61,7 +61,8 @@ def test_tiny_run_lowers_loss_and_probe_beats_chance(tiny_run):
     colour = result.eval["probes"]["patch_mean"]["color"]
     assert colour["classes"] == 4 and colour["test"] == 80
     assert colour["acc"] > max(colour["chance"], colour["majority"]) + 0.25, colour
-    assert set(result.eval["probes"]["pooled"]) == {"color", "shape", "count", "position"}
+    assert set(result.eval["probes"]) == {"patch_mean", "patch_grid", "pooled"}
+    assert set(result.eval["probes"]["patch_grid"]) == {"color", "shape", "count", "position"}
     r = result.eval["retrieval"]
     assert r["queries"] == 150 and 0.0 <= r["t2i_r1"] <= r["t2i_r5"] <= 1.0
 

@@ -4,10 +4,13 @@
   those images (text→image recall@1/@5); image→text recall@1 too.
 - Probes: what the LLaVA model will read. Features are the mean over patches of layer −2 (CLS
   dropped, exactly the tokens `vision_feature_layer=-2, strategy=default` hands the projector), and,
-  for reference, the pooled projected embedding. Four probe worlds are generated with the same
-  world settings as the held-out world (text and charts off): single-object scenes label colour,
-  shape and 3x3 position; scenes of 1–5 objects label count. Probes are fit on one world (val split
-  stream) and tested on another (test split stream), so no probe image is a training image.
+  for reference, the pooled projected embedding. A mean over patches keeps *what* is there but
+  blurs *where*, while LLaVA sees every patch token in order, so a third feature keeps the layout:
+  the same layer −2 patch tokens average-pooled to a 4x4 grid and concatenated ('patch_grid').
+  Four probe worlds are generated with the same world settings as the held-out world (text and
+  charts off): single-object scenes label colour, shape and 3x3 position; scenes of 1–5 objects
+  label count. Probes are fit on one world (val split stream) and tested on another (test split
+  stream), so no probe image is a training image.
   A probe is multinomial logistic regression on standardised features (L-BFGS), its L2 strength
   picked on a 20 % hold-out of the fit set. Chance is reported both as 1/K and as the
   majority-class rate of the test set.
@@ -26,7 +29,8 @@ from typing import Any
 EVAL_FILE = "eval.json"
 BASELINE_FILE = "eval_random_init.json"  # so a baseline never overwrites the trained encoder's eval.json
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "count", "position")
-FEATURES: tuple[str, ...] = ("patch_mean", "pooled")
+FEATURES: tuple[str, ...] = ("patch_mean", "patch_grid", "pooled")
+GRID = 4  # patch_grid: layer −2 patch tokens average-pooled to GRID x GRID cells, concatenated
 L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
 COUNT_RANGE = (1, 5)
 
@@ -86,19 +90,32 @@ def load_encoder(model_dir: str | Path, random_init: bool = False, seed: int = 0
     return model.eval(), CLIPTokenizer.from_pretrained(model_dir)
 
 
+def patch_grid(patches):
+    """Patch tokens [B, n*n, D] average-pooled to a GRID x GRID map, flattened: [B, GRID*GRID*D]."""
+    import torch
+
+    b, t, d = patches.shape
+    n = int(round(t**0.5))
+    fmap = patches.transpose(1, 2).reshape(b, d, n, n)  # [B, D, n, n]
+    return torch.nn.functional.adaptive_avg_pool2d(fmap, GRID).flatten(1)  # [B, D*GRID*GRID]
+
+
 def image_features(model, pixels, batch_size: int) -> dict[str, Any]:
-    """{'patch_mean': [N, Dv] mean of layer −2 patch tokens, 'pooled': [N, P] projected embedding} of uint8 pixels."""
+    """Features of uint8 pixels: 'patch_mean' [N, Dv] (mean of layer −2 patch tokens), 'patch_grid'
+    [N, 16*Dv] (the same tokens pooled to a 4x4 map: where things are) and 'pooled' [N, P] (CLIP embedding)."""
     import torch
 
     from llavakit.train.clip_data import normalize
 
-    patch, pooled = [], []
+    feats: dict[str, list] = {f: [] for f in FEATURES}
     with torch.no_grad():
         for start in range(0, pixels.shape[0], batch_size):
             out = model.get_image_features(pixel_values=normalize(pixels[start : start + batch_size]), output_hidden_states=True)
-            patch.append(out.hidden_states[-2][:, 1:, :].mean(dim=1))  # [B, Dv] (CLS dropped)
-            pooled.append(out.pooler_output)  # [B, P]
-    return {"patch_mean": torch.cat(patch), "pooled": torch.cat(pooled)}
+            patches = out.hidden_states[-2][:, 1:, :]  # [B, n*n, Dv] what LLaVA reads (CLS dropped)
+            feats["patch_mean"].append(patches.mean(dim=1))  # [B, Dv]
+            feats["patch_grid"].append(patch_grid(patches))  # [B, 16*Dv]
+            feats["pooled"].append(out.pooler_output)  # [B, P]
+    return {f: torch.cat(v) for f, v in feats.items()}
 
 
 def text_embeddings(model, input_ids, batch_size: int):
@@ -257,10 +274,12 @@ def format_report(report: dict[str, Any]) -> str:
              f"zero-shot text->image on {r['images']} held-out images ({r['queries']} captions): "
              f"R@1 {r['t2i_r1']:.3f}  R@5 {r['t2i_r5']:.3f}  (image->text R@1 {r['i2t_r1']:.3f}; chance R@1 {r['t2i_r1_chance']:.3f})"]  # fmt: skip
     if report.get("probes"):
-        lines.append(f"{'linear probe':<14}{'patch mean (layer -2)':>22}{'pooled':>10}{'1/K':>8}{'majority':>10}")
+        lines.append(f"{'linear probe':<14}{'patch mean (layer -2)':>22}{'4x4 patch grid':>16}{'pooled':>8}"
+                     f"{'1/K':>8}{'majority':>10}")  # fmt: skip
         for attr in ATTRIBUTES:
-            pm, po = report["probes"]["patch_mean"][attr], report["probes"]["pooled"][attr]
-            lines.append(f"{attr:<14}{pm['acc']:>22.3f}{po['acc']:>10.3f}{pm['chance']:>8.3f}{pm['majority']:>10.3f}")
+            pm, pg, po = (report["probes"][f][attr] for f in FEATURES)
+            lines.append(f"{attr:<14}{pm['acc']:>22.3f}{pg['acc']:>16.3f}{po['acc']:>8.3f}{pm['chance']:>8.3f}"
+                         f"{pm['majority']:>10.3f}")  # fmt: skip
     return "\n".join(lines)
 
 

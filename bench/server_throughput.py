@@ -1,0 +1,126 @@
+"""Server throughput: 8 concurrent clients vs the same requests sent one at a time.
+
+A real uvicorn server on localhost serves the benchmark model; each request carries an image
+(as a data URL) and a question and asks for a fixed number of tokens (`min_tokens` = `max_tokens`,
+greedy), so both runs do the same work. Throughput is generated tokens per wall-clock second.
+Run: python -m bench.server_throughput [--quick]
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import row, table, write_result  # noqa: E402
+
+NAME = "server_throughput"
+CLIENTS = 8
+
+
+@contextlib.contextmanager
+def serving(app):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def request_body(i: int, tokens: int) -> dict:
+    from llavakit.infer.benchmodel import bench_image
+
+    buf = io.BytesIO()
+    bench_image(i).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"model": "bench", "temperature": 0, "max_tokens": tokens, "min_tokens": tokens,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": f"Question {i}: describe the image."}]}]}
+
+
+def post(client, url: str, body: dict) -> int:
+    r = client.post(url + "/v1/chat/completions", json=body, timeout=600)
+    r.raise_for_status()
+    return r.json()["usage"]["completion_tokens"]
+
+
+def sequential(url: str, bodies: list[dict]) -> tuple[int, float]:
+    import httpx
+
+    with httpx.Client() as client:
+        t0 = time.perf_counter()
+        tokens = sum(post(client, url, b) for b in bodies)
+        return tokens, time.perf_counter() - t0
+
+
+def concurrent(url: str, bodies: list[dict]) -> tuple[int, float]:
+    """CLIENTS clients, each sending its share of the requests one after another."""
+    import httpx
+
+    shares = [bodies[c::CLIENTS] for c in range(CLIENTS)]
+
+    def client_run(share):
+        with httpx.Client() as client:
+            return sum(post(client, url, b) for b in share)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        tokens = sum(pool.map(client_run, shares))
+    return tokens, time.perf_counter() - t0
+
+
+def run(quick: bool = False) -> dict:
+    import httpx
+
+    from llavakit.infer.api import Pipeline
+    from llavakit.infer.benchmodel import cpu_pressure, bench_model_dir
+    from llavakit.model.io import load_model
+    from llavakit.serve.app import ServeConfig, create_app
+
+    per_client, tokens = (1, 24) if quick else (2, 64)
+    pipe = Pipeline(load_model(bench_model_dir()), model_id="bench", max_batch_size=CLIENTS)
+    bodies = [request_body(i, tokens) for i in range(CLIENTS * per_client)]
+    with serving(create_app(pipe, ServeConfig(max_batch_size=CLIENTS, batch_wait_ms=20))) as url:
+        sequential(url, bodies[:1])  # warm up
+        seq_tokens, seq_s = sequential(url, bodies)
+        conc_tokens, conc_s = concurrent(url, bodies)
+        health = httpx.get(url + "/health").json()
+    seq_rate, conc_rate = seq_tokens / seq_s, conc_tokens / conc_s
+    rows = [row(f"server tokens/s, {CLIENTS} concurrent clients", conc_rate, "tok/s", seq_rate,
+                ">= 3x sequential")]
+    return {"name": NAME, "rows": rows, "cpu_pressure_after": cpu_pressure(),
+            "requests": len(bodies), "tokens_per_request": tokens,
+            "sequential_s": seq_s, "concurrent_s": conc_s, "batch_sizes": health["batch_sizes"],
+            "image_tokens_per_request": pipe.lm.image_seq_length}
+
+
+def main() -> None:
+    result = run("--quick" in sys.argv)
+    print(table([result]))
+    print(f"batch sizes seen: {result['batch_sizes']}")
+    print(f"wrote {write_result(result)}")
+
+
+if __name__ == "__main__":
+    main()

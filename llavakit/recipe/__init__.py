@@ -1,0 +1,1 @@
+"""The default-model recipe: every stage of llavakit, end to end, resumable (`llavakit recipe`), and the demo."""

@@ -1,0 +1,168 @@
+"""The recipe file: one YAML holding every stage's settings, checked against `DEFAULTS`.
+
+Keys are those of `DEFAULTS` (unknown keys are an error naming the key). `align.train` and
+`instruct.train` are `TrainConfig` dicts (llavakit/train/config.py) without `stage`, `init_from`,
+`out`, `data.path`, `data.image_folder` and `data.feature_cache`, which the recipe sets.
+Relative paths in the file are relative to the current directory (run from the repo root).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "name": "default",
+    "out": "runs/default",
+    "seed": 0,
+    "threads": None,  # torch intra-op threads (None: torch's choice)
+    "world": {
+        # options shared by every split (WorldConfig fields), e.g. backgrounds, text_prob, chart_prob
+        "options": {},
+        # split name -> {num_images, seed}; train/val/test seeds differ, so the held-out scenes are new
+        "splits": {"train": {"num_images": 1000, "seed": 0}, "val": {"num_images": 100, "seed": 1},
+                   "test": {"num_images": 100, "seed": 2}},
+    },
+    "encoder": {
+        "reuse": None,  # an HF CLIP dir from `llavakit train clip`, used when its train_config.json matches
+        "config": None,  # ClipTrainConfig YAML (configs/clip-world.yaml); the recorded config must match it
+        "overrides": {},  # ClipTrainConfig keys on top of `config`
+        "wait_hours": 0.0,  # a live process is writing `reuse`: wait this long for it before training our own
+        "train_world": "train",  # world split the recipe's own encoder trains on (if it must train one)
+        "val_world": "val",
+        # its own worlds instead ({train: {num_images, seed}, val: {...}}, options as world.options); None: the above
+        "world": None,
+    },
+    "data": {
+        "captions": {"per_image": "one"},
+        "instruct": {"kinds": ["conversation", "detail", "reasoning"]},
+        # named VQA sources: {questions_per_image, mc_per_image, types (None: all)}
+        "vqa": {"general": {"questions_per_image": 4, "mc_per_image": 1, "types": None}},
+        # prob: fraction of short-answer/MC turns whose lead-in or format line is reworded;
+        # position_options: fraction of position questions asked with the list of the nine cells
+        "phrasing": {"prob": 0.3, "position_options": 0.0},
+        # mix ratios per source (instruct, vqa.<name>); 1 = all records once
+        "mix": {"instruct": 1.0, "vqa.general": 1.0},
+    },
+    "init": {"lm": "smollm2-135m", "projector": "mlp2x_gelu", "template": "tokenizer", "seed": 0},
+    "align": {"train": {}},
+    "instruct": {"train": {}},
+    "eval": {
+        "split": "test",
+        "seed": 0,
+        "pope_per_image": 3,
+        "images": None,  # only the first N test images (None: all)
+        "describe": True,  # include the detailed-description (CHAIR) questions
+        "batch_size": 8,
+        "ablations": ["blind", "paraphrased"],
+    },
+    "package": {"out": None},  # where the shipped parts go (e.g. llavakit/default_model/weights); None: no packaging
+}
+
+REPLACED = {("world", "splits"), ("data", "vqa"), ("data", "mix")}
+"""Sections a recipe file replaces as a whole."""
+OPEN = {("align", "train"), ("instruct", "train"), ("world", "options"), ("encoder", "overrides")}
+"""Sections whose keys are checked by the stage they go to (merged key by key)."""
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot run; the message names the key."""
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def merge(base: dict, update: dict, path: tuple[str, ...] = ()) -> dict:
+    """`update` over `base`, recursively; unknown keys of fixed sections are an error."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        where, sub = ".".join(path + (key,)), path + (key,)
+        if key not in base:
+            raise RecipeError(f"unknown key {where!r}; known: {', '.join(base)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+            if sub in REPLACED:
+                out[key] = copy.deepcopy(value)
+            elif sub in OPEN:
+                out[key] = _deep_update(base[key], value)
+            else:
+                out[key] = merge(base[key], value, sub)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def set_key(data: dict, item: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {item!r}: expected key.sub=value")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> dict:
+    """The full recipe: DEFAULTS, then the file (or `data`), then `key=value` overrides."""
+    import yaml
+
+    user: dict = copy.deepcopy(data) if data is not None else {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"recipe not found: {file}")
+        user = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        if not isinstance(user, dict):
+            raise RecipeError(f"{file}: expected a mapping at the top level")
+    for item in overrides:
+        set_key(user, item)
+    cfg = merge(DEFAULTS, user)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: dict) -> None:
+    splits = cfg["world"]["splits"]
+    if "train" not in splits:
+        raise RecipeError("world.splits: needs a 'train' split")
+    if cfg["eval"]["split"] not in splits:
+        raise RecipeError(f"eval.split {cfg['eval']['split']!r} is not one of world.splits ({', '.join(splits)})")
+    for name, split in splits.items():
+        if name not in ("train", "val", "test"):
+            raise RecipeError(f"world.splits.{name}: split names are train, val, test")
+        if not isinstance(split, dict) or int(split.get("num_images", 0)) < 1 or "seed" not in split:
+            raise RecipeError(f"world.splits.{name}: needs num_images >= 1 and seed")
+    seeds = [(s["seed"], n) for n, s in splits.items()]
+    if len({s for s, _ in seeds}) != len(seeds):
+        raise RecipeError("world.splits: every split needs its own seed (held-out scenes)")
+    enc = cfg["encoder"]
+    if not enc["reuse"] and not enc["config"] and not enc["overrides"]:
+        raise RecipeError("encoder: set reuse (a trained CLIP dir) and/or config (how to train one)")
+    for source in cfg["data"]["mix"]:
+        if source != "instruct" and not (source.startswith("vqa.") and source[4:] in cfg["data"]["vqa"]):
+            raise RecipeError(f"data.mix.{source}: not a data source (instruct, or vqa.<name> of data.vqa)")
+    for ablation in cfg["eval"]["ablations"]:
+        if ablation not in ("blind", "paraphrased"):
+            raise RecipeError(f"eval.ablations: unknown {ablation!r} (known: blind, paraphrased)")
+
+
+def digest(*parts: Any) -> str:
+    """sha256 (16 hex) of JSON-serialisable parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

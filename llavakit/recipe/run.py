@@ -1,0 +1,353 @@
+"""Run a recipe end to end, resumably: world -> data -> encoder -> init -> align -> instruct -> eval -> package.
+
+Every step writes its outputs into its own directory and, last, a marker file
+(`.recipe-step.json`) holding the step's hash: a digest of the step's settings and of the ids of
+the steps it reads. A step whose marker holds the current hash is skipped; one whose marker
+holds another hash is moved aside (`<dir>.stale-<hash>`) and redone. Training steps resume from
+their newest checkpoint (the trainer refuses a checkpoint written with another config); the
+evaluation resumes from its answer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llavakit.recipe.config import RecipeError, _deep_update, digest
+
+MARKER = ".recipe-step.json"
+STEPS = ("world", "data", "encoder", "init", "align", "instruct", "eval", "package")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(path: Path, data: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path / MARKER)
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def move_aside(path: Path, old_hash: str) -> Path:
+    dest = path.with_name(f"{path.name}.stale-{old_hash}")
+    n = 1
+    while dest.exists():
+        dest = path.with_name(f"{path.name}.stale-{old_hash}-{n}")
+        n += 1
+    os.replace(path, dest)
+    return dest
+
+
+@dataclass
+class StepResult:
+    name: str
+    dir: Path
+    hash: str
+    id: str
+    skipped: bool
+    seconds: float
+    info: dict
+
+
+class Recipe:
+    """One recipe (a dict from `load_recipe`) and the directories of its steps."""
+
+    def __init__(self, cfg: dict, say: Callable[[str], None] = log):
+        self.cfg = cfg
+        self.out = Path(cfg["out"])
+        self.say = say
+        self.results: dict[str, StepResult] = {}
+
+    # ---- paths -------------------------------------------------------------------------------
+
+    def world_dir(self, split: str) -> Path:
+        return self.out / "world" / split
+
+    @property
+    def data_dir(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.out / "features"
+
+    def step_dir(self, name: str) -> Path:
+        if name == "package":
+            return Path(self.cfg["package"]["out"])
+        return self.out / name
+
+    # ---- the driver --------------------------------------------------------------------------
+
+    def run(self, until: str | None = None) -> dict[str, StepResult]:
+        if until is not None and until not in STEPS:
+            raise RecipeError(f"unknown step {until!r}; steps: {', '.join(STEPS)}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        with self.lock():
+            return self._run(until)
+
+    def lock(self):
+        """An exclusive lock on the output dir: two runs of one recipe never train side by side."""
+        import contextlib
+        import fcntl
+
+        @contextlib.contextmanager
+        def held():
+            with open(self.out / ".recipe.lock", "a+") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    fh.seek(0)
+                    raise RecipeError(f"{self.out} is in use by another recipe run (pid {fh.read().strip() or '?'}); "
+                                      "wait for it or stop it first") from None
+                fh.seek(0)
+                fh.truncate()
+                fh.write(str(os.getpid()))
+                fh.flush()
+                yield
+
+        return held()
+
+    def _run(self, until: str | None) -> dict[str, StepResult]:
+        (self.out / "recipe.resolved.json").write_text(json.dumps(self.cfg, indent=2) + "\n", encoding="utf-8")
+        if self.cfg["threads"]:
+            import torch
+
+            torch.set_num_threads(int(self.cfg["threads"]))
+        for name in STEPS:
+            if name == "package" and not self.cfg["package"]["out"]:
+                continue
+            self.results[name] = self.step(name)
+            if name == until:
+                break
+        self.write_state()
+        return self.results
+
+    def upstream(self, name: str) -> list[str]:
+        deps = {"world": [], "data": ["world"], "encoder": ["world"], "init": ["encoder"], "align": ["init", "data"],
+                "instruct": ["align", "data"], "eval": ["instruct", "world"], "package": ["instruct", "init"]}
+        return [self.results[d].id for d in deps[name]]
+
+    def step_hash(self, name: str) -> str:
+        section = {"world": self.cfg["world"], "data": [self.cfg["data"], self.cfg["seed"]],
+                   "encoder": self.cfg["encoder"], "init": self.cfg["init"], "align": self.cfg["align"],
+                   "instruct": self.cfg["instruct"], "eval": self.cfg["eval"], "package": self.cfg["name"]}[name]
+        return digest(name, section, self.upstream(name))
+
+    def step(self, name: str) -> StepResult:
+        path, h = self.step_dir(name), self.step_hash(name)
+        marker = read_marker(path)
+        if marker and marker.get("hash") == h and not self.still_valid(name, marker):
+            self.say(f"{name}: its outputs changed or went missing since it ran; redoing it")
+        elif marker and marker.get("hash") == h:
+            self.say(f"{name}: done already ({path}, {marker.get('seconds', 0):.0f} s when it ran); skipping")
+            return StepResult(name, path, h, marker["id"], True, float(marker.get("seconds", 0)), marker.get("info", {}))
+        if marker:
+            moved = move_aside(path, marker.get("hash", "unknown"))
+            self.say(f"{name}: settings or inputs changed since {path} was made; moved it to {moved}")
+        self.say(f"{name}: running -> {path}")
+        t0 = time.perf_counter()
+        info = getattr(self, f"do_{name}")(path) or {}
+        seconds = time.perf_counter() - t0
+        step_id = digest(h, info.get("identity")) if info.get("identity") else h
+        write_marker(path, {"step": name, "hash": h, "id": step_id, "seconds": seconds,
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "info": info})
+        self.say(f"{name}: done in {seconds:.0f} s")
+        return StepResult(name, path, h, step_id, False, seconds, info)
+
+    def still_valid(self, name: str, marker: dict) -> bool:
+        """Cheap checks that a finished step's outputs are still what it recorded."""
+        info = marker.get("info", {})
+        if name == "encoder":
+            weights = Path(info.get("path", "")) / "model.safetensors"
+            return weights.is_file() and sha256_file(weights) == info.get("identity")
+        if name == "init":
+            return (self.step_dir(name) / "model.safetensors").is_file()
+        if name in ("align", "instruct"):
+            return (self.step_dir(name) / "model" / "model.safetensors").is_file()
+        if name == "package":
+            return (self.step_dir(name) / "manifest.json").is_file()
+        return True
+
+    def write_state(self) -> None:
+        state = {name: {"dir": str(r.dir), "hash": r.hash, "skipped": r.skipped, "seconds": r.seconds}
+                 for name, r in self.results.items()}
+        (self.out / "recipe-state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def do_world(self, path: Path) -> dict:
+        from llavakit.world.config import WorldConfig
+        from llavakit.world.generate import generate_world
+
+        info = {}
+        for split, spec in self.cfg["world"]["splits"].items():
+            out = self.world_dir(split)
+            if out.exists():
+                shutil.rmtree(out)  # an interrupted generation: redo it (it takes seconds)
+            config = WorldConfig(out=str(out), num_images=int(spec["num_images"]), seed=int(spec["seed"]), split=split,
+                                 **_world_options(self.cfg["world"]["options"]))
+            summary = generate_world(config)
+            self.say(f"world {split}: {summary.num_images} images, {summary.num_objects} objects in {summary.seconds:.1f} s")
+            info[split] = {"images": summary.num_images, "objects": summary.num_objects, "seconds": summary.seconds}
+        return info
+
+    def do_data(self, path: Path) -> dict:
+        from llavakit.datagen.captions import generate_captions
+        from llavakit.datagen.config import CaptionsConfig, InstructConfig, MixConfig, MixSource, SourceConfig, VQAConfig
+        from llavakit.datagen.instruct import generate_instruct
+        from llavakit.datagen.mix import mix_sources, read_records
+        from llavakit.datagen.vqa import generate_vqa
+        from llavakit.recipe.phrasing import vary_records
+
+        d, seed = self.cfg["data"], int(self.cfg["seed"])
+        world = self.world_dir("train")
+        source = SourceConfig(annotations=world, images_dir=world / "images")
+        path.mkdir(parents=True, exist_ok=True)
+        info: dict[str, Any] = {}
+        generate_captions(CaptionsConfig(source=source, out=path / "captions.json",
+                                                  per_image=d["captions"]["per_image"], seed=seed))
+        info["captions"] = _count(path / "captions.json")
+        generate_instruct(InstructConfig(source=source, out=path / "instruct.json", cache_dir=path / "instruct.cache",
+                                         kinds=tuple(d["instruct"]["kinds"]), seed=seed, progress=False))
+        info["instruct"] = _count(path / "instruct.json")
+        sources = [MixSource(path / "instruct.json", float(d["mix"].get("instruct", 0.0)))]
+        for name, spec in d["vqa"].items():
+            raw = path / f"vqa-{name}.raw.json"
+            types = spec.get("types")
+            generate_vqa(VQAConfig(source=source, out=raw, questions_per_image=int(spec.get("questions_per_image", 4)),
+                                   mc_per_image=int(spec.get("mc_per_image", 1)),
+                                   types=tuple(types) if types else None, seed=seed + _stable(name)))
+            varied, changed = vary_records(read_records(raw), float(d["phrasing"]["prob"]), seed,
+                                           float(d["phrasing"]["position_options"]))
+            _write_json(path / f"vqa-{name}.json", varied)
+            info[f"vqa.{name}"] = {"records": len(varied), "reworded_turns": changed}
+            sources.append(MixSource(path / f"vqa-{name}.json", float(d["mix"].get(f"vqa.{name}", 0.0))))
+        sources = [s for s in sources if s.ratio > 0]
+        mix_sources(MixConfig(sources=sources, out=path / "mix.json", seed=seed))
+        info["mix"] = _count(path / "mix.json")
+        self.say(f"data: {info}")
+        return info
+
+    def do_encoder(self, path: Path) -> dict:
+        from llavakit.recipe.encoder import resolve_encoder
+
+        return resolve_encoder(self, path)
+
+    def encoder_path(self) -> Path:
+        return Path(self.results["encoder"].info["path"])
+
+    def do_init(self, path: Path) -> dict:
+        from llavakit.model.build import InitConfig, init_model
+
+        c = self.cfg["init"]
+        if path.exists():
+            shutil.rmtree(path)
+        init_model(InitConfig(vision=str(self.encoder_path()), lm=c["lm"], out=str(path), projector=c["projector"],
+                              template=c["template"], seed=int(c["seed"])))
+        from llavakit.model.hub import resolve_lm
+
+        lm_dir = Path(resolve_lm(c["lm"]))
+        weights = sorted(lm_dir.glob("*.safetensors"))
+        return {"lm": c["lm"], "lm_dir": str(lm_dir), "lm_sha256": {w.name: sha256_file(w) for w in weights},
+                "identity": sha256_file(path / "model.safetensors")}
+
+    def train_config(self, stage: str, path: Path):
+        from llavakit.train.config import TrainConfig
+
+        init = self.results["init"].dir if stage == "align" else self.results["align"].dir
+        data = self.data_dir / ("captions.json" if stage == "align" else "mix.json")
+        fixed = {"stage": stage, "init_from": str(init), "out": str(path),
+                 "data": {"path": str(data), "image_folder": str(self.world_dir("train") / "images"),
+                          "feature_cache": str(self.features_dir)}}
+        return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], fixed))
+
+    def train_stage(self, stage: str, path: Path) -> dict:
+        from llavakit.train import checkpoint as ckpt
+        from llavakit.train.trainer import train
+
+        cfg = self.train_config(stage, path)
+        resume = ckpt.latest(path / "checkpoints") is not None
+        if resume:
+            self.say(f"{stage}: resuming from {ckpt.latest(path / 'checkpoints')}")
+        elif path.exists():
+            shutil.rmtree(path)  # stopped before its first checkpoint: start again
+        train(cfg, resume=resume)
+        report = json.loads((path / "report.json").read_text())
+        return {"report": {k: report.get(k) for k in ("steps", "tokens", "train_seconds", "tokens_per_s", "final_loss",
+                                                       "first_eval_loss", "eval_loss", "records", "resumed_from_step")},
+                "identity": sha256_file(path / "model" / "model.safetensors")}
+
+    def do_align(self, path: Path) -> dict:
+        return self.train_stage("align", path)
+
+    def do_instruct(self, path: Path) -> dict:
+        return self.train_stage("instruct", path)
+
+    def do_eval(self, path: Path) -> dict:
+        from llavakit.recipe.evaluate import run_evaluation
+
+        return run_evaluation(self, path)
+
+    def do_package(self, path: Path) -> dict:
+        from llavakit.recipe.package import package_model
+
+        return package_model(self, path)
+
+
+def _world_options(options: dict) -> dict:
+    out = {}
+    for key, value in options.items():
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _stable(name: str) -> int:
+    return int(digest(name)[:6], 16)
+
+
+def _count(path: Path) -> int:
+    return len(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_recipe(cfg: dict, until: str | None = None, say: Callable[[str], None] = log) -> dict[str, StepResult]:
+    """Run (or resume) every step of `cfg`; returns the step results."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return Recipe(cfg, say).run(until)
+
+
+if __name__ == "__main__":  # python -m llavakit.recipe.run RECIPE.yaml
+    from llavakit.recipe.config import load_recipe
+
+    run_recipe(load_recipe(sys.argv[1], sys.argv[2:]))

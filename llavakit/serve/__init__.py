@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server and its chat page (`llavakit serve`)."""

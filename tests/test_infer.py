@@ -1,0 +1,290 @@
+"""Inference: batched greedy decode, streaming, chat with KV reuse, multi-image, predict, chat CLI, int8."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from llavakit.data.images import ImageError
+from llavakit.infer.api import load_pipeline
+from llavakit.infer.params import SamplingParams
+from llavakit.infer.prompt import PromptError
+
+RED = Image.new("RGB", (40, 30), (200, 20, 20))
+BLUE = Image.new("RGB", (30, 50), (20, 20, 200))
+GREEDY12 = SamplingParams(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared CPU every parallel region's barrier stalls."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return load_pipeline(tiny_model_dir)
+
+
+@pytest.fixture()
+def image_files(tmp_path):
+    RED.save(tmp_path / "red.png")
+    BLUE.save(tmp_path / "blue.jpg")
+    data = (tmp_path / "red.png").read_bytes()
+    (tmp_path / "broken.png").write_bytes(data[: len(data) // 2])  # a truncated PNG
+    return tmp_path
+
+
+def test_batch_gives_each_row_its_greedy_tokens_alone(pipe):
+    batch = [([RED], "<image>\nWhat is this?"), ([], "How many objects are there in the picture, and what colours?"),
+             ([RED, BLUE], "<image> and <image>: which is larger?")]
+    together = pipe.complete(batch, GREEDY12)
+    assert len({c.prompt_tokens for c in together}) == 3  # different lengths: the decode cache is left-padded
+    for item, c in zip(batch, together):
+        alone = pipe.complete([item], GREEDY12)[0]
+        assert alone.token_ids == c.token_ids and alone.text == c.text
+    assert pipe.generate(batch, max_new_tokens=12) == [c.text for c in together]
+
+
+def test_rows_joining_a_running_batch_get_their_own_tokens(pipe):
+    items = [([RED], "<image>\nWhat is this?"), ([], "How many objects are there in the picture?"),
+             ([RED, BLUE], "<image> and <image>: which is larger?")]
+    alone = [pipe.complete([it], GREEDY12)[0].token_ids for it in items]
+    rows = [pipe.row(pipe.prompt(*it), GREEDY12) for it in items]
+    joins, step = {2: [rows[1]], 5: [rows[2]]}, 0
+
+    def admit():
+        nonlocal step
+        step += 1
+        return joins.pop(step, [])
+
+    seen = [ev.row for events in pipe.engine.run(rows[:1], admit=admit) for ev in events]
+    assert seen[:3] == [0, 0, 0] and max(seen) == 2  # row 1 joined after step 2, row 2 after step 5
+    assert [tuple(r.generated) for r in rows] == alone
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["fp32-linear", "onednn-packed"])
+def test_greedy_tokens_match_transformers_generate(tiny_model_dir, packed):
+    from llavakit.infer.optimize import linear_summary
+
+    p = load_pipeline(tiny_model_dir, fast=packed, pack_min_elements=0)
+    assert linear_summary(p.lm.model) == ({"packed": 15} if packed else {"fp32": 15})
+    ours = p.complete([([RED], "<image>\nDescribe the image.")], SamplingParams(max_new_tokens=16))[0]
+    prompt = p.prompt([RED], "<image>\nDescribe the image.")
+    ids = torch.tensor([prompt.ids])  # [1, T]
+    ref = load_pipeline(tiny_model_dir, fast=False).lm.model
+    out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=p.pixel_values([RED]),
+                       max_new_tokens=16, do_sample=False, suppress_tokens=[p.image_token_id])  # [1, T+n]
+    assert list(ours.token_ids) == out[0, ids.shape[1]:].tolist()
+
+
+def test_stream_pieces_join_to_the_answer(pipe):
+    pieces = list(pipe.stream([RED], "<image>\nWhat is this?", max_new_tokens=24))
+    assert len(pieces) > 1 and all(pieces)
+    assert "".join(pieces) == pipe.generate([([RED], "<image>\nWhat is this?")], max_new_tokens=24)[0]
+
+
+def test_text_stream_holds_back_stop_strings_and_whitespace(pipe):
+    from llavakit.infer.text import StopRule, TextStream
+
+    tok = pipe.lm.tokenizer
+    stream = TextStream(tok, StopRule.build(tok, ["the square"], [tok.eos_token_id]))
+    pieces = []
+    for t in tok("  There is a red circle left of the square. Yes", add_special_tokens=False)["input_ids"]:
+        pieces.append(stream.push(t))
+        assert "the squ" not in "".join(pieces)
+        if stream.stopped:
+            break
+    assert stream.stopped and "".join(pieces) == stream.text == "There is a red circle left of"
+
+
+def test_kv_reuse_gives_full_recompute_tokens_at_turn_3(pipe):
+    reuse, fresh = pipe.session(), pipe.session(reuse_kv=False)
+    for s in (reuse, fresh):
+        s.add_image(RED)
+    prompts = []
+    for turn, question in enumerate(["What is this?", "What colour is it?", "Compare it with this one."]):
+        if turn == 2:
+            reuse.add_image(BLUE)
+            fresh.add_image(BLUE)
+        assert reuse.ask(question, GREEDY12) == fresh.ask(question, GREEDY12)
+        if turn:
+            assert reuse.stats.reused_tokens >= prompts[-1] and reuse.stats.prefilled_tokens < reuse.stats.prompt_tokens
+        prompts.append(reuse.stats.prompt_tokens)
+    assert (reuse.stats.prefilled_images, fresh.stats.prefilled_images) == (1, 2)  # the red image is encoded once
+    assert fresh.stats.reused_tokens == 0
+    full = pipe.complete([(reuse.images, reuse.messages[:-1])], GREEDY12)[0]
+    assert full.text == reuse.messages[-1]["content"]
+
+
+def test_kv_reuse_recomputes_from_the_first_difference(pipe):
+    reuse, fresh = pipe.session(), pipe.session(reuse_kv=False)
+    for s in (reuse, fresh):
+        s.add_image(RED)
+        s.ask("What is this?", GREEDY12)
+        s.ask("Where is it?", GREEDY12)
+        s.messages[0]["content"] = s.messages[0]["content"].replace("What is", "Describe")  # edit history
+    assert reuse.ask("And now?", GREEDY12) == fresh.ask("And now?", GREEDY12)
+    before = pipe.prompt([RED], "<image>\nWhat is this?").ids
+    after = pipe.prompt([RED], "<image>\nDescribe this?").ids
+    common = next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
+    assert reuse.stats.reused_tokens == common and reuse.stats.prefilled_images == 0  # the image stays cached
+    for s in (reuse, fresh):  # same tokens, new pixels: the image and everything after it is recomputed
+        s.images[0] = BLUE
+    assert reuse.ask("Again?", GREEDY12) == fresh.ask("Again?", GREEDY12)
+    assert reuse.stats.prefilled_images == 1 and reuse.stats.reused_tokens == before.index(pipe.image_token_id)
+
+
+def test_multi_image_prompt_uses_every_image_in_order(pipe):
+    text = "First <image> then <image>: what changed?"
+
+    def first_logits(images):  # [1, V]
+        prompt = pipe.prompt(images, text)
+        return pipe.engine.forward(torch.tensor([prompt.ids]), pipe.pixel_values(images), None, None, pipe.engine.new_cache())
+
+    red_blue = first_logits([RED, BLUE])
+    for other in ([BLUE, RED], [RED, RED], [BLUE, BLUE]):  # order matters, and each image is seen
+        assert (first_logits(other) - red_blue).abs().max().item() > 1e-4
+    assert torch.equal(first_logits([RED, BLUE]), red_blue)
+    answer = pipe.complete([([RED, BLUE], text)], SamplingParams(max_new_tokens=8))[0]
+    assert answer.prompt_tokens == len(pipe.prompt([RED, BLUE], text).ids) and answer.completion_tokens == 8
+    with pytest.raises(PromptError, match=r"2 <image> marker\(s\) but 1 image\(s\)"):
+        pipe.generate([([RED], text)])
+
+
+def test_bad_inputs_name_the_culprit(pipe, tmp_path, image_files):
+    with pytest.raises(PromptError, match="context is 2048"):
+        pipe.generate([([], "red green blue " * 1500)])
+    with pytest.raises(PromptError, match="item 1: .*1 <image> marker"):
+        pipe.generate([([], "hi"), ([], "<image> what?")])
+    with pytest.raises(PromptError, match="only appear in user messages"):
+        pipe.complete([([], [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<image>"},
+                             {"role": "user", "content": "b"}])])
+    with pytest.raises(FileNotFoundError, match="model 'nowhere/model' not found"):
+        load_pipeline("nowhere/model")
+    with pytest.raises(FileNotFoundError, match="not a model dir"):
+        load_pipeline(tmp_path)
+    with pytest.raises(ImageError, match="missing.png: image file not found"):
+        pipe.load_images([image_files / "missing.png"])
+    with pytest.raises(ImageError, match="broken.png: corrupt or truncated"):
+        pipe.load_images([image_files / "broken.png"])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(pipe):
+    hot = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, top_k=50, seed=7)
+    item = ([RED], "<image>\nTell me a story.")
+    alone = pipe.complete([item], hot)[0]
+    batched = pipe.complete([([], "Hello!"), item], [GREEDY12, hot])[1]
+    assert alone.token_ids == batched.token_ids
+    assert pipe.complete([item], hot.with_(seed=8))[0].token_ids != alone.token_ids
+    narrow = pipe.complete([item], hot.with_(top_p=1e-6, max_new_tokens=12))[0]  # top_p -> only the argmax survives
+    assert narrow.token_ids == pipe.complete([item], GREEDY12)[0].token_ids
+
+
+def test_min_new_tokens_blocks_eos_until_reached(pipe):
+    from llavakit.infer.engine import early_stop_ids, sample
+
+    eos = pipe.lm.tokenizer.eos_token_id
+    row = pipe.row(pipe.prompt([], "hi"), SamplingParams(max_new_tokens=4, min_new_tokens=2))
+    logits = torch.zeros(1, 400)  # [1, V]
+    logits[0, eos] = 10.0
+    assert sample(logits, [row.params], [None], [], [early_stop_ids(row, 400)]).item() != eos
+    row.generated.extend([5, 6])
+    assert sample(logits, [row.params], [None], [], [early_stop_ids(row, 400)]).item() == eos
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingParams(max_new_tokens=4, min_new_tokens=5)
+
+
+def _questions(path: Path) -> Path:
+    rows = [{"question_id": i, "image": "red.png" if i % 2 else "blue.jpg", "text": f"Question {i}: what is this?"}
+            for i in range(5)] + [{"question_id": "t", "text": "A text-only question."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_predict_writes_llava_answers_and_resumes(tiny_model_dir, image_files, capsys):
+    from llavakit.cli import main
+
+    q, out = _questions(image_files / "q.jsonl"), image_files / "answers" / "a.jsonl"
+    args = ["predict", "--model", str(tiny_model_dir), "--questions", str(q), "--images-dir", str(image_files),
+            "--out", str(out), "--max-new-tokens", "6", "--batch-size", "4"]
+    assert main(args) == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question_id"] for r in first] == [0, 1, 2, 3, 4, "t"]
+    assert all({"question_id", "prompt", "text", "model_id", "answer_id"} <= r.keys() for r in first)
+    assert first[1]["prompt"] == "Question 1: what is this?" and first[0]["model_id"] == Path(tiny_model_dir).name
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]) + lines[3][:15])  # killed mid-write: 3 whole answers and a torn line
+    assert main(args) == 0
+    assert "3 answered, 3 already in" in capsys.readouterr().err
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question_id"] for r in again] == [0, 1, 2, 3, 4, "t"]
+    assert [r["text"] for r in again] == [r["text"] for r in first]  # greedy: same answers after resuming
+
+
+def test_predict_bad_image_names_question_and_file(tiny_model_dir, image_files, capsys):
+    from llavakit.cli import main
+
+    q = image_files / "bad.jsonl"
+    q.write_text(json.dumps({"question_id": "q7", "image": "broken.png", "text": "What?"}) + "\n")
+    rc = main(["predict", "--model", str(tiny_model_dir), "--questions", str(q), "--images-dir", str(image_files),
+               "--out", str(image_files / "o.jsonl")])
+    assert rc == 1 and "question 'q7' (line 1): " in capsys.readouterr().err
+
+
+def test_one_shot_chat_prints_only_the_answer(tiny_model_dir, image_files, pipe):
+    expected = pipe.generate([([RED], "<image>\nWhat is this?")], max_new_tokens=10)[0]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llavakit.cli", "chat", "--model", str(tiny_model_dir), "--image",
+         str(image_files / "red.png"), "What is this?", "--max-new-tokens", "10", "--temperature", "0", "--threads", "1"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected + "\n"
+
+
+def test_chat_repl_survives_bad_images_and_resets(pipe, image_files):
+    from llavakit.infer.chat import repl
+
+    lines = [f"/image {image_files / 'missing.png'}", f"/image {image_files / 'broken.png'}", "/bogus",
+             f"/image {image_files / 'red.png'}", "What is this?", "And now?", "/stats", "/reset", "Hi", "/quit"]
+    out, err = io.StringIO(), io.StringIO()
+    assert repl(pipe, [], SamplingParams(max_new_tokens=6), stdin=io.StringIO("\n".join(lines) + "\n"),
+                stdout=out, stderr=err) == 0
+    log = err.getvalue()
+    assert "missing.png: image file not found" in log and "broken.png: corrupt or truncated" in log
+    assert "unknown command '/bogus'" in log and "reused_tokens=" in log and "(conversation cleared)" in log
+    session = pipe.session()
+    session.add_image(RED)
+    expected = [session.ask("What is this?", SamplingParams(max_new_tokens=6)),
+                session.ask("And now?", SamplingParams(max_new_tokens=6)),
+                pipe.session().ask("Hi", SamplingParams(max_new_tokens=6))]
+    assert out.getvalue().splitlines() == expected
+
+
+def test_int8_quantizes_the_lm_and_stays_close(tiny_model_dir):
+    from llavakit.infer.optimize import linear_summary
+
+    fp32, int8 = load_pipeline(tiny_model_dir, fast=False), load_pipeline(tiny_model_dir, int8=True)
+    assert linear_summary(int8.lm.model) == {"int8": 15} and linear_summary(fp32.lm.model) == {"fp32": 15}
+    prompt = fp32.prompt([RED], "<image>\nWhat is this?")
+    ids, pixels = torch.tensor([prompt.ids]), fp32.pixel_values([RED])  # [1, T], [1, 3, H, W]
+    a = fp32.engine.forward(ids, pixels, None, None, fp32.engine.new_cache())  # [1, V]
+    b = int8.engine.forward(ids, pixels, None, None, int8.engine.new_cache())
+    assert torch.nn.functional.cosine_similarity(a, b).item() > 0.99
+    assert len(int8.complete([([RED], "<image>\nWhat is this?")], GREEDY12)[0].token_ids) > 0

@@ -1,0 +1,192 @@
+"""The recipe end to end on a tiny scale, resume/skip, packaging round trip, demo CLI.
+
+The end-to-end tests train tiny models for real (about 1-2 minutes on 2 cores): marked slow
+(`make test-slow`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llavakit.recipe.config import RecipeError, load_recipe
+
+
+def tiny_recipe(tmp: Path, lm: Path) -> dict:
+    small_train = {"optim": {"epochs": 1, "batch_size": 8, "micro_batch_size": 4, "max_steps": 3},
+                   "data": {"num_workers": 0, "max_length": 2048}, "runtime": {"mixed_precision": "no"},
+                   "checkpoint": {"every_steps": 2}, "eval": {"at_start": False},
+                   "log": {"tensorboard": False, "plot": False, "progress": False}}
+    instruct = {**small_train, "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "save_adapter": True}}
+    return load_recipe(data={
+        "name": "tiny", "out": str(tmp / "run"),
+        "world": {"options": {"max_objects": 3}, "splits": {"train": {"num_images": 24, "seed": 0},
+                                                             "val": {"num_images": 8, "seed": 1},
+                                                             "test": {"num_images": 4, "seed": 2}}},
+        "encoder": {"overrides": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 2,
+                                  "vision_heads": 2, "text_hidden": 32, "text_layers": 1, "text_heads": 2,
+                                  "projection_dim": 16, "vocab_size": 600, "max_steps": 2, "batch_size": 8,
+                                  "warmup_steps": 1, "compile": False, "evaluate": False, "eval_every": 0,
+                                  "threads": 1}},
+        "data": {"vqa": {"core": {"questions_per_image": 3, "mc_per_image": 1, "types": ["color", "count", "exists"]}},
+                 "mix": {"instruct": 0.25, "vqa.core": 1.0}, "phrasing": {"prob": 0.5}},
+        "init": {"lm": str(lm), "template": "chatml"},
+        "align": {"train": small_train}, "instruct": {"train": instruct},
+        "eval": {"describe": False, "batch_size": 16, "ablations": ["blind", "paraphrased"]},
+        "package": {"out": str(tmp / "package")},
+    })
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    from llavakit.model.tiny import tiny_llama
+    from llavakit.recipe.run import run_recipe
+
+    tmp = tmp_path_factory.mktemp("recipe")
+    lm = tiny_llama(tmp / "lm")
+    cfg = tiny_recipe(tmp, lm)
+    messages: list[str] = []
+    results = run_recipe(cfg, say=messages.append)
+    return tmp, cfg, results, messages
+
+
+@pytest.mark.slow
+def test_every_step_writes_its_outputs(recipe_run):
+    tmp, cfg, results, _ = recipe_run
+    out = Path(cfg["out"])
+    assert list(results) == ["world", "data", "encoder", "init", "align", "instruct", "eval", "package"]
+    assert all(not r.skipped for r in results.values())
+    for split in ("train", "val", "test"):
+        assert (out / "world" / split / "scenes.jsonl").is_file()
+    for name in ("captions.json", "instruct.json", "vqa-core.json", "mix.json"):
+        assert json.loads((out / "data" / name).read_text())
+    assert (out / "encoder" / "clip" / "model.safetensors").is_file()
+    assert (out / "init" / "config.json").is_file()
+    for stage in ("align", "instruct"):
+        report = json.loads((out / stage / "model" / ".." / "report.json").read_text())
+        assert report["steps"] == 3
+    assert (out / "instruct" / "adapter" / "adapter_config.json").is_file()
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert set(summary["runs"]) == {"full", "blind", "paraphrased"}
+    assert "short answers overall (%)" in summary["rows"]
+    manifest = json.loads((tmp / "package" / "manifest.json").read_text())
+    assert set(manifest["files"]) >= {"vision.safetensors", "embeddings.safetensors", "adapter/adapter_config.json",
+                                      "config.json"}
+    for r in results.values():
+        marker = json.loads((r.dir / ".recipe-step.json").read_text())
+        assert marker["hash"] == r.hash
+
+
+@pytest.mark.slow
+def test_rerun_skips_completed_steps_and_redoes_changed_ones(recipe_run):
+    from llavakit.recipe.run import run_recipe
+
+    tmp, cfg, results, _ = recipe_run
+    messages: list[str] = []
+    again = run_recipe(cfg, until="instruct", say=messages.append)
+    assert all(r.skipped for r in again.values()), messages
+    assert {n: r.id for n, r in again.items()} == {n: results[n].id for n in again}
+    # a changed eval setting redoes eval only; the old output is kept aside
+    changed = json.loads(json.dumps(cfg))
+    changed["eval"]["ablations"] = ["blind"]
+    third = run_recipe(changed, until="eval", say=messages.append)
+    assert [n for n, r in third.items() if not r.skipped] == ["eval"]
+    assert list(Path(cfg["out"]).glob("eval.stale-*"))
+
+
+@pytest.mark.slow
+def test_package_round_trip_gives_identical_logits(recipe_run, tmp_path):
+    import torch
+
+    from llavakit.model.io import load_model
+    from llavakit.recipe.package import PackageError, materialize
+
+    tmp, cfg, results, _ = recipe_run
+    lm_dir = Path(results["init"].info["lm_dir"])
+    target = materialize(tmp / "package", target=tmp_path / "built", base_lm_dir=lm_dir)
+    assert materialize(tmp / "package", target=target, base_lm_dir=lm_dir) == target  # reused
+    trained = load_model(Path(cfg["out"]) / "instruct" / "model")
+    rebuilt = load_model(target)
+    ids = torch.tensor([[1, 5, 9, 12, trained.model.config.image_token_id] + [7] * 3])
+    ids = torch.cat([ids[:, :4], torch.full((1, trained.image_seq_length), trained.model.config.image_token_id),
+                     ids[:, 5:]], dim=1)
+    pixels = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        a = trained.model(input_ids=ids, pixel_values=pixels).logits
+        b = rebuilt.model(input_ids=ids, pixel_values=pixels).logits
+    assert torch.equal(a, b)
+    # an altered shipped file is refused
+    weights = tmp / "package" / "vision.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="vision.safetensors"):
+        materialize(tmp / "package", target=tmp_path / "other", base_lm_dir=lm_dir)
+
+
+def test_recipe_rejects_unknown_keys_and_shared_seeds():
+    with pytest.raises(RecipeError, match="unknown key 'world.bogus'"):
+        load_recipe(data={"world": {"bogus": 1}, "encoder": {"reuse": "x"}})
+    with pytest.raises(RecipeError, match="own seed"):
+        load_recipe(data={"encoder": {"reuse": "x"}, "world": {"splits": {"train": {"num_images": 2, "seed": 0},
+                                                                           "test": {"num_images": 2, "seed": 0}}}})
+
+
+def test_default_recipe_file_loads():
+    root = Path(__file__).resolve().parents[1]
+    for name in ("recipe.yaml", "pilot.yaml"):
+        cfg = load_recipe(root / "configs" / "default" / name)
+        assert cfg["init"]["lm"] == "smollm2-135m" and cfg["init"]["template"] == "tokenizer"
+
+
+def test_demo_and_recipe_help(capsys):
+    from llavakit.cli import main
+
+    for cmd in ("demo", "recipe"):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--help"])
+        assert exc.value.code == 0
+        assert f"usage: llavakit {cmd}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_killed_recipe_resumes_training_from_its_checkpoint(tmp_path):
+    """SIGKILL inside instruct training (after step 2, checkpoint at 2); the rerun resumes there and finishes."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from llavakit.model.tiny import tiny_llama
+
+    cfg = tiny_recipe(tmp_path, tiny_llama(tmp_path / "lm"))
+    cfg["eval"]["ablations"] = []
+    cfg["package"]["out"] = None
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "llavakit.cli", "recipe", str(recipe)]
+    killed = subprocess.run(cmd + ["instruct.train.runtime.kill_after_step=2", "--until", "instruct"],
+                            capture_output=True, text=True)
+    assert killed.returncode != 0 and "instruct: running" in killed.stdout, killed.stderr[-2000:]
+    out = Path(cfg["out"])
+    assert (out / "instruct" / "checkpoints").is_dir() and not (out / "instruct" / ".recipe-step.json").exists()
+    done = subprocess.run(cmd + ["--until", "instruct"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "align: done already" in done.stdout and "instruct: resuming from" in done.stdout
+    report = json.loads((out / "instruct" / "report.json").read_text())
+    assert report["resumed_from_step"] == 2 and report["steps"] == 3
+
+
+def test_two_runs_of_one_recipe_never_overlap(tmp_path):
+    from llavakit.recipe.run import Recipe
+
+    cfg = load_recipe(data={"out": str(tmp_path / "run"), "encoder": {"reuse": "x"}})
+    first = Recipe(cfg, say=lambda m: None)
+    first.out.mkdir(parents=True)
+    with first.lock():
+        with pytest.raises(RecipeError, match="in use by another recipe run"):
+            Recipe(cfg, say=lambda m: None).run()
+    with Recipe(cfg, say=lambda m: None).lock():  # released
+        pass
