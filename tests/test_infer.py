@@ -288,3 +288,18 @@ def test_int8_quantizes_the_lm_and_stays_close(tiny_model_dir):
     b = int8.engine.forward(ids, pixels, None, None, int8.engine.new_cache())
     assert torch.nn.functional.cosine_similarity(a, b).item() > 0.99
     assert len(int8.complete([([RED], "<image>\nWhat is this?")], GREEDY12)[0].token_ids) > 0
+
+
+def test_int8_activations_are_quantized_per_token():
+    from llavakit.infer.optimize import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40)
+    q = Int8Linear(lin)
+    x, quiet, loud = torch.randn(1, 48), torch.randn(1, 48), 100 * torch.randn(1, 48)
+    with torch.inference_mode():
+        with_quiet, with_loud = q(torch.cat([x, quiet]))[0], q(torch.cat([x, loud]))[0]  # [40] row 0 of each
+        exact, alone = lin(x)[0], q(x)[0]
+    assert torch.equal(with_quiet, with_loud)  # a batch-mate's scale never touches this row
+    for got in (with_quiet, alone):
+        assert (got - exact).abs().max().item() < 0.05 * exact.abs().max().item()
