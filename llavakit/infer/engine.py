@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from llavakit.infer.params import SamplingParams
 from llavakit.infer.text import TextStream
@@ -193,7 +194,7 @@ def merge_left_padded(a, a_mask: torch.Tensor, b, b_mask: torch.Tensor):
     la, lb = a_mask.shape[1], b_mask.shape[1]
     length = max(la, lb)
     for cache in (a, b):
-        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
             raise NotImplementedError("batching needs full-attention KV caches (this LM has sliding-window layers)")
     for la_, lb_ in zip(a.layers, b.layers):
         la_.keys = torch.cat([_left_pad_kv(la_.keys, length - la), _left_pad_kv(lb_.keys, length - lb)])
