@@ -104,19 +104,13 @@ def merge(base: dict, update: dict, path: tuple[str, ...] = ()) -> dict:
 
 
 def set_key(data: dict, item: str) -> None:
-    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict."""
-    import yaml
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict: the trainer's own override rule."""
+    from llavakit.train.config import ConfigError, apply_override
 
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise RecipeError(f"override {item!r}: expected key.sub=value")
-    *parents, leaf = key.strip().split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise RecipeError(f"override {item!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        apply_override(data, item)
+    except ConfigError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> dict:
