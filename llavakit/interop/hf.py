@@ -15,7 +15,6 @@ processor and chat template.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
