@@ -69,8 +69,10 @@ def test_every_step_writes_its_outputs(recipe_run):
         assert report["steps"] == 3
     assert (out / "instruct" / "adapter" / "adapter_config.json").is_file()
     summary = json.loads((out / "eval" / "summary.json").read_text())
-    assert set(summary["runs"]) == {"full", "blind", "paraphrased"}
-    assert "short answers overall (%)" in summary["rows"]
+    assert summary["runs"] == ["full", "blind", "paraphrased", "majority"]  # majority: the prior-to-beat column
+    overall = summary["rows"]["short answers overall (%)"]
+    assert set(overall) == {"full", "blind", "paraphrased", "majority"}
+    assert 0.0 < overall["majority"] <= 100.0
     manifest = json.loads((tmp / "package" / "manifest.json").read_text())
     assert set(manifest["files"]) >= {"vision.safetensors", "embeddings.safetensors", "adapter/adapter_config.json",
                                       "config.json"}
