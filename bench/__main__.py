@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "chat_ttft": "bench.chat_ttft",
     "server_throughput": "bench.server_throughput",
     "int8": "bench.int8",
+    "datagen_cache": "bench.datagen_cache",
 }
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 

@@ -279,6 +279,13 @@ def test_bad_key_stops_the_run_with_a_clear_error(tmp_path, server):
         run(tmp_path, server, concurrency=1)
 
 
+def test_wrong_url_stops_the_run_naming_the_flags(tmp_path, server):
+    url = server.url.removesuffix("/v1")  # the fake answers 404 outside /v1
+    with pytest.raises(DatagenError, match=r"answered 404.*--teacher-url.*--teacher-model 'fake-model'"):
+        run(tmp_path, server, concurrency=1, url=url)
+    assert len(server.log) == 0
+
+
 def test_unreachable_server_stops_after_consecutive_failures(tmp_path):
     src = make_coco(tmp_path / "src", 30)
     cfg = InstructConfig(source=src, out=tmp_path / "o.json", cache_dir=tmp_path / "c", kinds=("conversation",),

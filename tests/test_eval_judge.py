@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,15 +32,21 @@ GRADES = {"What colour is the kettle?": "8 6", "Describe the kitchen in detail."
 
 
 class FakeJudge(BaseHTTPRequestHandler):
-    """POST /v1/chat/completions; behaviour set by server.mode: ok, http500, garbled, flaky (503 once)."""
+    """POST /v1/chat/completions; behaviour set by server.mode: ok, http500, garbled, flaky (503 once), http401,
+    throttled (429 with Retry-After: 1 once)."""
 
     def do_POST(self):  # noqa: N802 (http.server API)
         srv = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         srv.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if srv.mode == "http401":
+            return self._send(401, {"error": {"message": "bad key"}})
         prompt = body["messages"][-1]["content"]
         question = next(q for q in GRADES if q in prompt)
         hard = question == "Why might the street be empty?"
+        if hard and srv.mode == "throttled" and not srv.flaked:
+            srv.flaked = True
+            return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
         if hard and (srv.mode == "http500" or (srv.mode == "flaky" and not srv.flaked)):
             srv.flaked = True
             return self._send(500 if srv.mode == "http500" else 503, {"error": {"message": "overloaded"}})
@@ -47,9 +54,11 @@ class FakeJudge(BaseHTTPRequestHandler):
         choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
         self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [choice]})
 
-    def _send(self, status, obj):
+    def _send(self, status, obj, headers=None):
         data = json.dumps(obj).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -181,6 +190,23 @@ def test_transient_failure_is_retried(server, tmp_path):
     bench = replace(get_benchmark("llava_bench"), judge=config(server, tmp_path, retries=1))
     r = bench.score(bench.load(FIX / "llava_bench"), model_answers())
     assert r["details"]["judge_calls"] == 4 and r["breakdown"]["category"]["complex"]["relative_score"] == 100.0
+
+
+def test_bad_key_is_not_retried_and_names_the_key_variable(server, tmp_path):
+    server.mode = "http401"
+    cfg = config(server, tmp_path, retries=3)
+    with Judge(cfg) as judge, pytest.raises(JudgeError, match=rf"question 0: judge .* answered 401.*\${KEY_ENV}"):
+        judge.review(ReviewRequest(0, "conv", "c", "What colour is the kettle?", "r", "a"))
+    assert len(server.requests) == 1 and judge.calls == 1
+
+
+def test_429_retry_after_is_honoured_like_the_teacher(server, tmp_path):
+    server.mode = "throttled"  # the shared client's policy: Retry-After wins over retry_wait (0 here)
+    req = ReviewRequest(2, "complex", "c", "Why might the street be empty?", "r", "a")
+    with Judge(config(server, tmp_path, retries=1)) as judge:
+        t0 = time.monotonic()
+        assert judge.review(req).model_score == 7.0
+        assert time.monotonic() - t0 >= 0.95 and judge.calls == 2
 
 
 def test_unreachable_judge(tmp_path):

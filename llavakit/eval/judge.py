@@ -16,17 +16,16 @@ import hashlib
 import json
 import os
 import re
-import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from llavakit.eval.common import EvalError, QuestionId
+from llavakit.openai_client import ChatClient, ChatError, ChatFatal
 
 _SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[ ,]\s*(\d+(?:\.\d+)?)\s*$")
 MIN_SCORE, MAX_SCORE = 1.0, 10.0
-TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class JudgeError(EvalError):
@@ -47,14 +46,18 @@ class JudgeConfig:
     max_tokens: int = 1024
     timeout: float = 120.0
     retries: int = 2
-    """Extra attempts after a connection error or a transient HTTP status (429, 5xx ...)."""
+    """Extra attempts after a timeout, a connection error or a transient HTTP status (408, 409, 429, 5xx)."""
     retry_wait: float = 2.0
+    """First wait before a retry, in seconds; doubles per retry (with jitter), a Retry-After header wins."""
+    retry_wait_max: float = 60.0
+    """Longest wait between retries (a server's Retry-After is honoured up to 300 s)."""
 
     def __post_init__(self) -> None:
         if not self.url or not self.model:
             raise EvalError("the judge needs a URL and a model name (--judge-url, --judge-model)")
-        if self.retries < 0 or self.retry_wait < 0:
-            raise EvalError("judge retries and retry_wait must be >= 0")
+        if self.retries < 0 or self.retry_wait < 0 or self.retry_wait_max < 0:
+            raise EvalError(f"judge retries, retry_wait and retry_wait_max must be >= 0, got "
+                            f"{self.retries}, {self.retry_wait}, {self.retry_wait_max}")
 
 
 @dataclass(frozen=True)
@@ -135,14 +138,16 @@ class Judge:
     """Reviews answers through the configured endpoint; use as a context manager or call close()."""
 
     def __init__(self, config: JudgeConfig, rules: dict[str, Any] | None = None) -> None:
-        import httpx
-
         self.config = config
         self.rules = rules if rules is not None else load_rules()
-        self.calls = 0
-        key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(timeout=config.timeout, headers=headers)
+        self.client = ChatClient(config.url, config.model, key_env=config.api_key_env or None,
+                                 timeout=config.timeout, max_retries=config.retries, backoff=config.retry_wait,
+                                 backoff_max=config.retry_wait_max, concurrency=1)
+
+    @property
+    def calls(self) -> int:
+        """Requests sent to the judge so far (retries included)."""
+        return self.client.requests
 
     def __enter__(self) -> Judge:
         return self
@@ -151,7 +156,7 @@ class Judge:
         self.close()
 
     def close(self) -> None:
-        self._client.close()
+        self.client.close()
 
     def review(self, req: ReviewRequest) -> Review:
         """Grades for one question, from the cache when it holds this exact review."""
@@ -189,38 +194,22 @@ class Judge:
         os.replace(tmp, path)
 
     def _chat(self, prompt: str, question_id: QuestionId) -> str:
-        """One chat completion; transient failures retried, then a JudgeError."""
-        import httpx
-
-        url = self.config.url.rstrip("/") + "/chat/completions"
-        body = {
-            "model": self.config.model,
-            "messages": [{"role": "system", "content": self.rules["system"]}, {"role": "user", "content": prompt}],
-            "temperature": self.config.temperature,
-            "max_tokens": self.config.max_tokens,
-        }
-        for attempt in range(self.config.retries + 1):
-            last = attempt == self.config.retries
-            self.calls += 1
-            try:
-                resp = self._client.post(url, json=body)
-            except httpx.HTTPError as exc:
-                if last:
-                    raise JudgeError(f"question {question_id!r}: judge call to {url} failed: {exc}") from None
-            else:
-                if resp.status_code == 200:
-                    return _reply_text(resp, question_id)
-                if last or resp.status_code not in TRANSIENT_STATUS:
-                    raise JudgeError(f"question {question_id!r}: judge returned HTTP {resp.status_code}: {resp.text[:200]}")
-            time.sleep(self.config.retry_wait * 2**attempt)
-        raise AssertionError("unreachable")
+        """One chat completion through the shared client (transient failures retried there), or a JudgeError."""
+        messages = [{"role": "system", "content": self.rules["system"]}, {"role": "user", "content": prompt}]
+        try:
+            done = self.client.complete(messages, temperature=self.config.temperature,
+                                        max_tokens=self.config.max_tokens)
+        except ChatError as exc:
+            raise JudgeError(f"question {question_id!r}: {_describe(exc)}") from None
+        return done.text
 
 
-def _reply_text(resp: Any, question_id: QuestionId) -> str:
-    try:
-        content = resp.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise JudgeError(f"question {question_id!r}: judge response is not a chat completion: {resp.text[:200]}") from None
-    if not isinstance(content, str):
-        raise JudgeError(f"question {question_id!r}: judge response has no text content")
-    return content
+def _describe(exc: ChatError) -> str:
+    """What went wrong with a judge call, in words."""
+    if isinstance(exc, ChatFatal):
+        return f"judge {exc.message}"
+    if exc.status is not None:
+        return f"judge returned HTTP {exc.status}: {exc.message}"
+    if exc.code == "malformed_body":
+        return f"judge response is {exc.message}"
+    return f"judge call to {exc.endpoint} failed: {exc.message}"

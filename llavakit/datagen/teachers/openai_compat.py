@@ -1,9 +1,8 @@
 """The `openai` teacher: any OpenAI-compatible chat completions endpoint.
 
-POST `{url}/chat/completions` with `{"model", "messages", "temperature", "max_tokens"}`.
-Bounded concurrency (a semaphore around requests, shared by all caller threads), a timeout per
-request, retries with exponential backoff + jitter on 429 / 5xx / timeouts / connection errors
-(a `Retry-After` header is honoured), and clear outcomes:
+The HTTP work — key, timeout, bounded concurrency, retries with exponential backoff + jitter on
+408/409/429/5xx, timeouts and connection errors, `Retry-After` — is `llavakit.openai_client.ChatClient`,
+shared with the eval judge. Here its outcomes become the teacher's:
 
 - 200 with a usable body            -> the text;
 - 200 with a malformed body         -> TeacherError("malformed_body")  (counted rejection, no retry);
@@ -15,34 +14,11 @@ request, retries with exponential backoff + jitter on 429 / 5xx / timeouts / con
 
 from __future__ import annotations
 
-import email.utils
 import os
-import random
-import threading
-import time
 from typing import Any
 
 from llavakit.datagen.teachers import RetryHook, TeacherError, TeacherFatal
-
-RETRY_AFTER_MAX = 300.0
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
+from llavakit.openai_client import ChatClient, ChatError, ChatFatal
 
 
 class OpenAITeacher:
@@ -65,28 +41,16 @@ class OpenAITeacher:
         on_retry: RetryHook | None = None,
         key_env: str = "OPENAI_API_KEY",
     ):
-        import httpx
-
-        self._httpx = httpx
         self.url = url.rstrip("/")
         self.model = model
         self.max_concurrency = concurrency
-        self.max_retries = max_retries
-        self.backoff, self.backoff_max = backoff, backoff_max
         self.temperature, self.max_tokens = temperature, max_tokens
         self.key_env = key_env
         self._on_retry = on_retry or (lambda kind, code: None)
-        self._sem = threading.BoundedSemaphore(concurrency)
-        self._rng = random.Random()
-        self._rng_lock = threading.Lock()
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout),
-            headers=headers,
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        )
+        # the key is what the caller passed: from_config reads $key_env, a direct caller decides itself
+        self.client = ChatClient(self.url, model, api_key=api_key, key_env=None, timeout=timeout,
+                                 max_retries=max_retries, backoff=backoff, backoff_max=backoff_max,
+                                 concurrency=concurrency)
 
     @classmethod
     def from_config(cls, config, *, dataset=None, on_retry: RetryHook | None = None) -> OpenAITeacher:
@@ -98,67 +62,23 @@ class OpenAITeacher:
         )
 
     def close(self) -> None:
-        self._client.close()
-
-    def _delay(self, retry: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, RETRY_AFTER_MAX)
-        with self._rng_lock:
-            jitter = 0.5 + self._rng.random()
-        return min(self.backoff_max, self.backoff * (2**retry)) * jitter
+        self.client.close()
 
     def complete(self, messages: list[dict], *, kind: str, image_id: Any, attempt: int = 0) -> str:
-        httpx = self._httpx
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                "max_tokens": self.max_tokens}
-        endpoint = f"{self.url}/chat/completions"
-        last = ("", "")
-        for retry in range(self.max_retries + 1):
-            retry_after = None
-            with self._sem:
-                try:
-                    resp = self._client.post(endpoint, json=body)
-                except httpx.TimeoutException as exc:
-                    last = ("timeout", f"no response within the timeout ({type(exc).__name__})")
-                except httpx.TransportError as exc:
-                    last = ("connection_error", f"{type(exc).__name__}: {exc}")
-                else:
-                    status = resp.status_code
-                    if status == 200:
-                        return self._content(resp)
-                    excerpt = resp.text[:200].replace("\n", " ")
-                    if status in (401, 403):
-                        raise TeacherFatal(
-                            f"{endpoint} answered {status} ({excerpt!r}); check the API key in ${self.key_env}"
-                        )
-                    if status == 404:
-                        raise TeacherFatal(
-                            f"{endpoint} answered 404 ({excerpt!r}); check --teacher-url (it should end in /v1 "
-                            f"for most servers) and --teacher-model {self.model!r}"
-                        )
-                    if status == 429 or status >= 500:
-                        last = (f"http_{status}", excerpt)
-                        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    else:
-                        raise TeacherError(f"http_{status}", excerpt)
-            if retry == self.max_retries:
-                break
-            self._on_retry(kind, last[0])
-            time.sleep(self._delay(retry, retry_after))
-        code, message = last
-        raise TeacherError(code, f"{message} (gave up after {self.max_retries + 1} attempts)")
-
-    @staticmethod
-    def _content(resp) -> str:
-        excerpt = resp.text[:200].replace("\n", " ")
         try:
-            data = resp.json()
-            choice = data["choices"][0]
-            content = choice["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise TeacherError("malformed_body", f"not a chat completion: {excerpt!r}") from None
-        if not isinstance(content, str):
-            raise TeacherError("malformed_body", f"message content is {type(content).__name__}: {excerpt!r}")
-        if choice.get("finish_reason") == "length":
+            done = self.client.complete(messages, temperature=self.temperature, max_tokens=self.max_tokens,
+                                        on_retry=lambda code: self._on_retry(kind, code))
+        except ChatFatal as exc:
+            raise TeacherFatal(self._fatal_message(exc)) from None
+        except ChatError as exc:
+            raise TeacherError(exc.code, exc.message) from None
+        if done.finish_reason == "length":
             raise TeacherError("truncated", "the completion hit max_tokens (finish_reason=length)")
-        return content
+        return done.text
+
+    def _fatal_message(self, exc: ChatFatal) -> str:
+        head = f"{exc.endpoint} answered {exc.status} ({exc.reply!r}); "
+        if exc.status == 404:
+            return head + (f"check --teacher-url (it should end in /v1 for most servers) and "
+                           f"--teacher-model {self.model!r}")
+        return head + f"check the API key in ${self.key_env}"
