@@ -388,3 +388,22 @@ def test_init_align_instruct_pipeline_learns(tmp_path, capsys):
     after = colour_accuracy(out / "model", held, tmp_path / "images", colours)
     assert after >= 0.8 and after >= before + 0.4, (before, after)  # answers about unseen images improve
     assert [h["stage"] for h in load_model(out / "model").meta.history] == ["align", "instruct"]
+
+
+def test_vision_tower_gets_its_own_learning_rate(tiny_model_dir):
+    """train_vision: the tower is trainable in its own AdamW groups at optim.vision_lr; frozen otherwise."""
+    from llavakit.train.config import OptimConfig
+    from llavakit.train.model import param_groups, set_trainable
+
+    model = load_model(tiny_model_dir).model
+    set_trainable(model, train_lm=False, train_vision=True)
+    groups = {g["name"]: g for g in param_groups(model, OptimConfig(lr=1e-3, vision_lr=1e-5, projector_lr=2e-3))}
+    assert set(groups) == {"projector", "projector_no_decay", "vision", "vision_no_decay"}
+    assert groups["vision"]["lr"] == 1e-5 and groups["projector"]["lr"] == 2e-3
+    n_vision = sum(p.numel() for g in ("vision", "vision_no_decay") for p in groups[g]["params"])
+    assert n_vision == sum(p.numel() for p in model.model.vision_tower.parameters())
+    set_trainable(model, train_lm=True, train_vision=False)
+    groups = {g["name"] for g in param_groups(model, OptimConfig(lr=1e-3, vision_lr=1e-5))}
+    assert not any(name.startswith("vision") for name in groups)
+    with pytest.raises(ValueError, match="optim.vision_lr"):
+        OptimConfig(vision_lr=0.0)

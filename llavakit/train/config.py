@@ -98,6 +98,9 @@ class OptimConfig:
     """Peak learning rate; None: LLaVA's 1e-3 (align), 2e-5 (instruct), 2e-4 (instruct with LoRA)."""
     projector_lr: float | None = None
     """Projector learning rate (its own param group); None: `lr`. LLaVA-1.5 LoRA uses 2e-5."""
+    vision_lr: float | None = None
+    """Vision tower learning rate when `train_vision` is on (its own param group); None: `lr`.
+    LLaVA-NeXT-style unfreezing uses a rate well below the LM's."""
     weight_decay: float = 0.0
     """AdamW weight decay on matrices (never on biases and norms)."""
     warmup_ratio: float = 0.03
@@ -115,7 +118,7 @@ class OptimConfig:
         _check(self.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
         _check(self.batch_size >= self.micro_batch_size and self.batch_size % self.micro_batch_size == 0,
                "optim.batch_size", f"must be a multiple of micro_batch_size {self.micro_batch_size}, got {self.batch_size}")
-        for key in ("lr", "projector_lr"):
+        for key in ("lr", "projector_lr", "vision_lr"):
             value = getattr(self, key)
             _check(value is None or value > 0, f"optim.{key}", f"must be > 0, got {value}")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

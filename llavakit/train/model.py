@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 PROJECTOR = "multi_modal_projector"
+VISION = "vision_tower"
 """transformers' name for the LLaVA projector module (a module name, not a model name)."""
 
 
@@ -81,17 +82,24 @@ def set_checkpointing(llava: nn.Module, on: bool) -> None:
         llava.gradient_checkpointing_disable()
 
 
+def _part(name: str) -> str:
+    """Which learning-rate group a parameter belongs to: projector, vision (the tower) or model (the LM)."""
+    if PROJECTOR in name:
+        return "projector"
+    return "vision" if VISION in name else "model"
+
+
 def param_groups(model: nn.Module, optim) -> list[dict]:
-    """AdamW groups: projector / rest, each with and without weight decay (never on biases and norms)."""
-    buckets: dict[tuple[bool, bool], list] = {}
+    """AdamW groups: projector / vision tower / LM, each with and without weight decay (never on biases and norms)."""
+    buckets: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            buckets.setdefault((PROJECTOR in name, p.ndim >= 2), []).append(p)
+            buckets.setdefault((_part(name), p.ndim >= 2), []).append(p)
+    lrs = {"projector": optim.projector_lr or optim.lr, "vision": optim.vision_lr or optim.lr, "model": optim.lr}
     groups = []
-    for (is_projector, decay), params in sorted(buckets.items()):
-        lr = (optim.projector_lr or optim.lr) if is_projector else optim.lr
-        name = ("projector" if is_projector else "model") + ("" if decay else "_no_decay")
-        groups.append({"params": params, "lr": lr, "weight_decay": optim.weight_decay if decay else 0.0, "name": name})
+    for (part, decay), params in sorted(buckets.items()):
+        name = part + ("" if decay else "_no_decay")
+        groups.append({"params": params, "lr": lrs[part], "weight_decay": optim.weight_decay if decay else 0.0, "name": name})
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
     return groups

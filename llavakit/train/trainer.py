@@ -135,8 +135,9 @@ def log_train(run: Run, window: list[dict], seconds: float) -> None:
               "loss": sum(w["loss"] for w in window) / len(window), "lr": lrs[_group(names, "model")],
               "tokens_total": s.tokens, "tokens_per_s": sum(w["tokens"] for w in window) / max(seconds, 1e-9),
               "padding_fraction": 1 - sum(w["tokens"] for w in window) / max(sum(w["slots"] for w in window), 1)}
-    if any(n.startswith("projector") for n in names):
-        record["projector_lr"] = lrs[_group(names, "projector")]
+    for part in ("projector", "vision"):
+        if any(n.startswith(part) for n in names):
+            record[f"{part}_lr"] = lrs[_group(names, part)]
     if window[-1]["grad_norm"] is not None:
         record["grad_norm"] = window[-1]["grad_norm"]
     run.metrics.log(record, "train")
