@@ -26,7 +26,8 @@ TINY_WORLD = dict(min_size=64, max_size=80, colors=("red", "green", "blue", "bla
 TINY_MODEL = dict(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, vision_heads=4, text_hidden=64,
                   text_layers=2, text_heads=4, projection_dim=64, batch_size=16, max_steps=80, warmup_steps=20,
                   lr=2e-3, log_every=1, eval_every=40, val_images=30, probe_fit_images=120,
-                  probe_test_images=80, threads=1)  # fmt: skip
+                  probe_test_images=80, threads=1, hard_batch_prob=0.0)  # fmt: skip
+# hard batches (grouped by colour/shape) are covered by their own tests below; the loss check above wants plain batches
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +239,58 @@ def test_recipe_file_is_the_default_config():
     )
     cfg = clip_cli.train_config(args)
     assert cfg == ClipTrainConfig(world="w", val_world="v", out="o")  # the dataclass defaults are the recipe
+
+
+def test_training_with_hard_batches_runs(worlds, tmp_path):
+    cfg = ClipTrainConfig(world=str(worlds["train"]), out=str(tmp_path / "hard"),
+                          **{**TINY_MODEL, "max_steps": 6, "hard_batch_prob": 1.0, "batch_size": 8, "evaluate": False})
+    result = train_clip(cfg, say=lambda msg: None)
+    assert len(result.losses) == 6 and all(np.isfinite(result.losses))
+    assert json.loads((result.out / "train_config.json").read_text())["hard_batch_prob"] == 1.0
+    with pytest.raises(ClipConfigError, match="hard_batch_prob"):
+        ClipTrainConfig(world="w", out="o", hard_batch_prob=1.5)
+
+
+def test_hard_batches_share_one_value_and_name_the_object():
+    """Grouped batches: every image holds the shared colour/shape, each caption names that object, none repeats."""
+    import random
+
+    import torch
+
+    from llavakit.train.clip_hard import HardBatchSampler, focus_caption, focus_objects
+
+    rng = random.Random(0)
+    colors, shapes = ("red", "green", "blue"), ("circle", "star", "square", "triangle")
+    cells = ("top left", "top", "center", "bottom right", "left")
+    scenes = [{"objects": [{"color": rng.choice(colors), "category": rng.choice(shapes), "supercategory": "shape",
+                            "position": rng.choice(cells)} for _ in range(rng.randint(1, 3))]} for _ in range(200)]
+
+    class WordTokenizer:  # one id per word: enough to read the captions back
+        vocab: dict[str, int] = {}
+
+        def __call__(self, texts, **kw):
+            ids = [[self.vocab.setdefault(w, len(self.vocab) + 1) for w in t.split()] for t in texts]
+            ids = [x[: kw["max_length"]] + [0] * (kw["max_length"] - len(x)) for x in ids]
+            return {"input_ids": torch.tensor(ids)}
+
+    tok = WordTokenizer()
+    objects = focus_objects(scenes, tok, length=9)
+    assert objects.input_ids.shape == (sum(len(s["objects"]) for s in scenes), 9)
+    assert focus_caption(scenes[0]["objects"][0]).split()[1] == scenes[0]["objects"][0]["color"]
+    sampler = HardBatchSampler(objects, batch_size=12, generator=torch.Generator().manual_seed(0))
+    words = {v: k for k, v in tok.vocab.items()}
+    kinds = set()
+    for _ in range(30):
+        images, ids = sampler.draw()
+        assert len(set(images.tolist())) == 12
+        captions = [" ".join(words[i] for i in row.tolist() if i) for row in ids]
+        assert len(set(captions)) == 12
+        colours = {c.split()[1] for c in captions}
+        nouns = {c.split()[2] for c in captions}
+        assert len(colours) == 1 or len(nouns) == 1, captions
+        kinds.add("color" if len(colours) == 1 else "category")
+        for image, caption in zip(images.tolist(), captions):
+            assert caption in {focus_caption(o) for o in scenes[image]["objects"]}
+    assert kinds == {"color", "category"}
+    with pytest.raises(ValueError, match="too small for hard batches"):
+        HardBatchSampler(objects, batch_size=150, generator=torch.Generator())

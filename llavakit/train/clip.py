@@ -91,6 +91,10 @@ class ClipTrainConfig:
     """AdamW epsilon (CLIP's)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 turns it off)."""
+    hard_batch_prob: float = 0.5
+    """Fraction of steps that use a grouped hard-negative batch instead of a random one: images sharing one
+    colour (or shape), each paired with a caption about that object alone, so shape and position must be
+    told apart (llavakit/train/clip_hard.py). 0 gives plain CLIP batches."""
     seed: int = 0
     """Seed of initialisation, caption choice and batch order."""
     threads: int = 2
@@ -164,6 +168,8 @@ class ClipTrainConfig:
             raise ClipConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise ClipConfigError("weight_decay and grad_clip must be >= 0 and eps > 0")
+        if not (0.0 <= self.hard_batch_prob <= 1.0):
+            raise ClipConfigError(f"hard_batch_prob must be in [0, 1], got {self.hard_batch_prob!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ClipConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
@@ -321,10 +327,11 @@ def log_line(path: Path, record: dict[str, Any]) -> None:
 class _Trainer:
     """The training loop's state: model, optimiser, data, logs."""
 
-    def __init__(self, cfg: ClipTrainConfig, out: Path, train, val, model, say) -> None:
+    def __init__(self, cfg: ClipTrainConfig, out: Path, train, val, model, say, hard=None) -> None:
         import torch
 
         self.cfg, self.out, self.train, self.val, self.say = cfg, out, train, val, say
+        self.hard = hard  # a HardBatchSampler when cfg.hard_batch_prob > 0
         self.model = model
         self.forward = torch.compile(model) if cfg.compile else model
         per_epoch = len(train) // cfg.batch_size
@@ -336,10 +343,10 @@ class _Trainer:
         self.metrics = out / METRICS_FILE
         self.start = time.perf_counter()
 
-    def step(self, idx) -> float:
+    def step(self, batch: dict) -> float:
         import torch
 
-        out = self.forward(**batch_inputs(self.train, idx, None, self.gen), return_loss=True)
+        out = self.forward(**batch, return_loss=True)
         out.loss.backward()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -350,11 +357,22 @@ class _Trainer:
             self.model.logit_scale.clamp_(0, math.log(100.0))  # CLIP's temperature cap
         return out.loss.item()
 
+    def next_batch(self, idx) -> dict:
+        """A grouped hard batch with probability hard_batch_prob, else the random batch `idx`."""
+        import torch
+
+        from llavakit.train.clip_data import normalize
+
+        if self.hard is not None and torch.rand((), generator=self.gen).item() < self.cfg.hard_batch_prob:
+            images, input_ids = self.hard.draw()  # [B], [B, L]
+            return {"pixel_values": normalize(self.train.pixels[images]), "input_ids": input_ids}
+        return batch_inputs(self.train, idx, None, self.gen)
+
     def run(self) -> None:
         step = 0
         while step < self.total:
             for idx in epoch_batches(len(self.train), self.cfg.batch_size, self.gen):
-                self.losses.append(self.step(idx))
+                self.losses.append(self.step(self.next_batch(idx)))
                 step += 1
                 self.after_step(step, step * self.cfg.batch_size / len(self.train))
                 if step >= self.total:
@@ -430,6 +448,18 @@ def train_clip(cfg: ClipTrainConfig, say=None) -> ClipTrainResult:
         torch.set_num_threads(threads)
 
 
+def hard_sampler(cfg: ClipTrainConfig, train, tokenizer):
+    """The grouped hard-negative batch sampler, or None when hard_batch_prob is 0."""
+    import torch
+
+    if cfg.hard_batch_prob <= 0:
+        return None
+    from llavakit.train.clip_hard import HardBatchSampler, focus_objects
+
+    objects = focus_objects(train.scenes, tokenizer, train.input_ids.shape[-1])
+    return HardBatchSampler(objects, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1))
+
+
 def _train(cfg: ClipTrainConfig, say) -> ClipTrainResult:
     from llavakit.train.clip_data import build_tokenizer, load_world
     from llavakit.world import load_scenes
@@ -448,7 +478,7 @@ def _train(cfg: ClipTrainConfig, say) -> ClipTrainResult:
     say(f"loaded {len(train)} train / {len(val) if val else 0} val images, vocab {len(tokenizer)} "
         f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
     model = build_model(cfg, tokenizer)
-    trainer = _Trainer(cfg, out, train, val, model, say)
+    trainer = _Trainer(cfg, out, train, val, model, say, hard_sampler(cfg, train, tokenizer))
     trainer.run()
     seconds = time.perf_counter() - t0
     model.eval()
