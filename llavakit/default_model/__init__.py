@@ -32,7 +32,7 @@ def path(progress: Callable[[str], None] | None = _stderr) -> Path:
         raise FileNotFoundError(
             f"the default model is not shipped in this checkout ({WEIGHTS / 'manifest.json'} is missing); "
             f"train and package it with `llavakit recipe {RECIPE}`")
-    from llavakit.recipe.package import materialize
+    from llavakit.model.package import materialize
 
     return materialize(WEIGHTS, name="default", progress=progress)
 

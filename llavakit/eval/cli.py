@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "to --out. See docs/evaluation.md for where each benchmark's files go.",
     )
     _bench_args(p, required=False)
-    p.add_argument("--model", help="model dir or name, loaded with llavakit.infer")
+    p.add_argument("--model", default="default", help="model dir or short name, loaded with llavakit.infer "
+                   "(default: the shipped default model)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the per-question token budget")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")

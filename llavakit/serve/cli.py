@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="POST /v1/chat/completions (text and image_url parts, stream: true as SSE), GET /v1/models, "
                     "GET /health, and a chat page at /. Concurrent requests are batched.",
     )
-    p.add_argument("--model", required=True, help="model dir or short name")
+    p.add_argument("--model", default="default", help="model dir or short name (default: the shipped default model)")
     p.add_argument("--model-id", default=None, help="name clients send as 'model' (default: model dir name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
