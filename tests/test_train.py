@@ -407,3 +407,31 @@ def test_vision_tower_gets_its_own_learning_rate(tiny_model_dir):
     assert not any(name.startswith("vision") for name in groups)
     with pytest.raises(ValueError, match="optim.vision_lr"):
         OptimConfig(vision_lr=0.0)
+
+
+def test_instruct_lora_with_train_vision_exports_the_tuned_tower(aligned, squares, tmp_path):
+    """LoRA + train_vision: the tower trains (as a peft saved module) at vision_lr and the merged export carries it."""
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = config("instruct", aligned, tmp_path / "lora_vision", squares["qa"], squares["images"], train_vision=True,
+                 optim={"lr": 1e-2, "projector_lr": 1e-3, "vision_lr": 1e-3},
+                 lora={"enabled": True, "r": 4, "alpha": 8, "save_adapter": True})
+    out = train(cfg)
+    hf, info = LlavaForConditionalGeneration.from_pretrained(out / "model", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    before, after = weights(aligned / "model"), weights(out / "model")
+    tower = [k for k in before if "vision_tower" in k and k.endswith("weight")]
+    assert tower and any(not torch.equal(before[k], after[k]) for k in tower)  # the tower was tuned and exported
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert rows[0]["lr"] / rows[0]["vision_lr"] == pytest.approx(10.0)
+
+
+def test_feature_cache_key_ignores_where_the_encoder_was_loaded_from(tiny_model_dir):
+    from llavakit.train.features import encoder_key
+
+    lm = load_model(tiny_model_dir)
+    key = encoder_key(lm.model, lm.image_processor)
+    lm.model.config.vision_config._name_or_path = "/somewhere/else/encoder"
+    assert encoder_key(lm.model, lm.image_processor) == key
+    lm.model.config.vision_feature_layer = -1  # what does change the features changes the key
+    assert encoder_key(lm.model, lm.image_processor) != key

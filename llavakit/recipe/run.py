@@ -282,9 +282,11 @@ class Recipe:
 
         init = self.results["init"].dir if stage == "align" else self.results["align"].dir
         data = self.data_dir / ("captions.json" if stage == "align" else "mix.json")
+        # the feature cache holds frozen-tower outputs: a stage that trains the tower reads pixels instead
+        cache = None if self.cfg[stage]["train"].get("train_vision") else str(self.features_dir)
         fixed = {"stage": stage, "init_from": str(init), "out": str(path),
                  "data": {"path": str(data), "image_folder": str(self.world_dir("train") / "images"),
-                          "feature_cache": str(self.features_dir)}}
+                          "feature_cache": cache}}
         return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], fixed))
 
     def train_stage(self, stage: str, path: Path) -> dict:

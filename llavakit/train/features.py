@@ -38,7 +38,10 @@ def encoder_key(llava, image_processor) -> str:
     """sha256 over everything that determines a cached feature."""
     config = llava.config
     h = hashlib.sha256()
-    h.update(json.dumps(config.vision_config.to_dict(), sort_keys=True, default=str).encode())
+    # where the tower was loaded from and which library wrote it do not change a feature (a moved encoder dir
+    # must not invalidate a cache)
+    vision = {k: v for k, v in config.vision_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    h.update(json.dumps(vision, sort_keys=True, default=str).encode())
     h.update(image_processor.to_json_string().encode())
     h.update(json.dumps([config.vision_feature_layer, config.vision_feature_select_strategy, FORMAT_VERSION]).encode())
     for name, tensor in sorted(llava.model.vision_tower.state_dict().items()):
