@@ -21,7 +21,7 @@ COMMANDS: list[str] = [
     "llavakit.serve.cli",  # serve
     "llavakit.eval.cli",  # eval
     "llavakit.interop.cli",  # convert, export
-    "llavakit.recipe.cli",  # recipe, demo
+    "llavakit.recipe.cli",  # recipe, ablations, demo
 ]
 
 

@@ -11,7 +11,16 @@ import pytest
 
 from llavakit.eval.chair import Mention, SceneObject, Vocabulary, chair_metrics, find_mentions, score_caption
 from llavakit.eval.common import EvalError
-from llavakit.eval.offline import POSITIONS, Obj, Scene, build_offline, pope_negatives, read_scenes, world_stats
+from llavakit.eval.offline import (
+    POSITIONS,
+    Obj,
+    Scene,
+    build_offline,
+    count_targets,
+    pope_negatives,
+    read_scenes,
+    world_stats,
+)
 from llavakit.eval.registry import get_benchmark
 
 WORLD = Path(__file__).parent / "fixtures" / "eval" / "world"
@@ -21,11 +30,15 @@ WORLD = Path(__file__).parent / "fixtures" / "eval" / "world"
 #   200000001: yellow triangle (top), blue circle (bottom left), a clip-art "animals" object (ignored)
 #   200000002: red star (right), red circle (left), yellow square (top)
 SCENE_CATEGORIES = {200000000: {"circle", "square"}, 200000001: {"triangle", "circle"}, 200000002: {"star", "circle", "square"}}
-COUNTS = {
-    200000000: {"circle": 1, "square": 2},
-    200000001: {"triangle": 1, "circle": 1},
-    200000002: {"star": 1, "circle": 1, "square": 1},
+SHAPES = {  # (category, colour) of each scene's shape objects
+    200000000: [("circle", "red"), ("square", "blue"), ("square", "green")],
+    200000001: [("triangle", "yellow"), ("circle", "blue")],
+    200000002: [("star", "red"), ("circle", "red"), ("square", "yellow")],
 }
+
+
+def count_by_hand(image: int, color: str | None, category: str | None) -> int:
+    return sum(category in (None, cat) and color in (None, col) for cat, col in SHAPES[image])
 
 
 @pytest.fixture
@@ -67,11 +80,13 @@ def test_questions_agree_with_the_scenes(bench_file):
     tasks = Counter(q["task"] for q in qs)
     assert tasks["describe"] == 3 and tasks["existence"] == 6 and tasks["count"] == 3
     for q in qs:
-        cats, counts = SCENE_CATEGORIES[image_id(q)], COUNTS[image_id(q)]
+        cats = SCENE_CATEGORIES[image_id(q)]
         assert "animals" not in q["prompt"]
-        if q["task"] == "count":
-            plural = q["prompt"].split("How many ")[1].split(" are")[0]
-            assert q["answer"] == str(counts[plural.removesuffix("s")])
+        if q["task"] == "count":  # "How many [<colour>] <category>s / shapes are there in the image?"
+            color, category = q["count_of"]["color"], q["count_of"]["category"]
+            noun = " ".join(w for w in (color, f"{category}s" if category else "shapes") if w)
+            assert q["prompt"].split("\n")[1] == f"How many {noun} are there in the image?"
+            assert q["answer"] == str(count_by_hand(image_id(q), color, category))
         if q["task"] in ("existence",) or q["task"].startswith("pope_"):
             cat = q["prompt"].split("Is there ")[1].split(" in the image")[0].split(" ", 1)[1]
             assert q["answer"] == ("yes" if cat in cats else "no")
@@ -83,6 +98,45 @@ def test_questions_agree_with_the_scenes(bench_file):
         for task in ("existence", "pope_random", "pope_popular", "pope_adversarial"):
             labels = Counter(q["answer"] for q in qs if image_id(q) == img and q["task"] == task)
             assert labels["yes"] == labels["no"] >= 1
+
+
+def test_count_targets_by_hand():
+    """Scene 0 (red circle, blue square, green square) in a world of circle/square/star/triangle."""
+    scenes = read_scenes(WORLD)
+    targets = count_targets(scenes[0], world_stats(scenes))
+    assert targets == {
+        0: [(None, "star"), (None, "triangle")],
+        1: [("blue", "square"), ("blue", None), ("green", "square"), ("green", None), ("red", "circle"), ("red", None),
+            (None, "circle")],
+        2: [(None, "square")],
+        3: [(None, None)],
+    }
+
+
+def test_count_answers_spread_over_zero_to_five(tmp_path):
+    """Held-out world of 200 scenes: no count answer is the majority (it was "1" ~92% of the time when the
+    question named a present category); 0..5 all occur; other seeds give other questions."""
+    from llavakit.world.config import WorldConfig
+    from llavakit.world.generate import generate_world
+
+    world = tmp_path / "world"
+    generate_world(WorldConfig(out=str(world), num_images=200, seed=7, split="test", max_objects=6))
+    answers = []
+    for seed in (0, 1):
+        build_offline(world, tmp_path / f"b{seed}.json", seed=seed)
+        answers.append([q["answer"] for q in questions(tmp_path / f"b{seed}.json") if q["task"] == "count"])
+    dist = Counter(answers[0])
+    assert len(answers[0]) == 200 and set(dist) == {"0", "1", "2", "3", "4", "5"}, dist
+    assert dist.most_common(1)[0][1] <= 0.5 * len(answers[0]), dist
+    assert answers[0] != answers[1]
+    # the training data's count questions (datagen vqa, SceneQA) are drawn answer-first too
+    from llavakit.datagen.config import SourceConfig, VQAConfig
+    from llavakit.datagen.vqa import generate_vqa
+
+    generate_vqa(VQAConfig(source=SourceConfig(annotations=world, images_dir=world / "images"), out=tmp_path / "vqa.json",
+                           questions_per_image=1, mc_per_image=0, types=("count",), seed=0))
+    train = Counter(r["conversations"][1]["value"] for r in json.loads((tmp_path / "vqa.json").read_text()))
+    assert {"0", "1", "2", "3"} <= set(train) and train.most_common(1)[0][1] <= 0.5 * sum(train.values()), train
 
 
 def test_fixed_questions_by_hand(bench_file):

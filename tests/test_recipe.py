@@ -14,6 +14,16 @@ import pytest
 from llavakit.recipe.config import RecipeError, load_recipe
 
 
+def plain_clip_batches() -> dict:
+    """24 tiny images are too few for the encoder's grouped hard-negative batches (hard_batch_prob,
+    llavakit/train/clip_hard.py): plain CLIP batches, where the encoder trainer has that option."""
+    import dataclasses
+
+    from llavakit.train.clip import ClipTrainConfig
+
+    return {"hard_batch_prob": 0.0} if "hard_batch_prob" in {f.name for f in dataclasses.fields(ClipTrainConfig)} else {}
+
+
 def tiny_recipe(tmp: Path, lm: Path) -> dict:
     small_train = {"optim": {"epochs": 1, "batch_size": 8, "micro_batch_size": 4, "max_steps": 3},
                    "data": {"num_workers": 0, "max_length": 2048}, "runtime": {"mixed_precision": "no"},
@@ -29,7 +39,7 @@ def tiny_recipe(tmp: Path, lm: Path) -> dict:
                                   "vision_heads": 2, "text_hidden": 32, "text_layers": 1, "text_heads": 2,
                                   "projection_dim": 16, "vocab_size": 600, "max_steps": 2, "batch_size": 8,
                                   "warmup_steps": 1, "compile": False, "evaluate": False, "eval_every": 0,
-                                  "threads": 1}},
+                                  "threads": 1, **plain_clip_batches()}},
         "data": {"vqa": {"core": {"questions_per_image": 3, "mc_per_image": 1, "types": ["color", "count", "exists"]}},
                  "mix": {"instruct": 0.25, "vqa.core": 1.0}, "phrasing": {"prob": 0.5}},
         "init": {"lm": str(lm), "template": "chatml"},

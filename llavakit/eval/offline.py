@@ -5,8 +5,9 @@ and writes one JSON file of questions, the same for the same world and seed. Onl
 supercategory "shape" are asked about (clip-art objects are left out). Per image:
 
 - short answers, exact match after VQA normalisation: colour of an object, shape of an
-  object, count of a category (1..5), position (3x3 grid cell), existence (one "yes" and one
-  "no" question, so the task is balanced);
+  object, count (0..5: of a category, colour + category, colour, or all shapes; the answer is
+  drawn first so counts spread, absent categories giving 0), position (3x3 grid cell),
+  existence (one "yes" and one "no" question, so the task is balanced);
 - multiple choice (`mc`): an object's colour among lettered options, scored by letter;
 - POPE-style yes/no probes in three splits, positives being present categories and
   negatives absent ones: `random` (uniform), `popular` (most frequent categories in the
@@ -48,7 +49,7 @@ from llavakit.eval.pope import binary_metrics
 from llavakit.eval.text import LETTERS, normalize_vqa, parse_letter, parse_yes_no_pope
 
 FORMAT = "llavakit-offline-benchmark"
-VERSION = 1
+VERSION = 2  # 2: count questions balanced over 0..5 (colours, all shapes, absent categories)
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 SHORT_TASKS = ("color", "shape", "count", "position", "existence")
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -157,15 +158,32 @@ def shape_question(scene: Scene, rng: random.Random) -> dict[str, Any] | None:
     return _q(scene, "shape", 0, image_prompt(f"What shape is the {desc} object?", SHORT_ANSWER_SUFFIX), obj.category)
 
 
-def count_question(scene: Scene, rng: random.Random) -> dict[str, Any] | None:
-    """"How many <plural> are there in the image?" for a present category with 1..5 objects."""
-    counts = Counter(o.category for o in scene.objects)
-    cands = sorted(c for c, n in counts.items() if n <= MAX_COUNT)
-    if not cands:
+def count_targets(scene: Scene, stats: WorldStats) -> dict[int, list[tuple[str | None, str | None]]]:
+    """(colour, category) targets by their count (0..MAX_COUNT): every category of the world (the absent
+    ones count 0), the scene's colour + category pairs and colours (None: any), and all its shapes."""
+    targets = {(None, c) for c in stats.categories} | {(None, None)}
+    targets |= {(o.color, o.category) for o in scene.objects if o.color}
+    targets |= {(o.color, None) for o in scene.objects if o.color}
+    by_count: dict[int, list[tuple[str | None, str | None]]] = {}
+    for color, category in sorted(targets, key=str):
+        n = sum((category in (None, o.category)) and (color in (None, o.color)) for o in scene.objects)
+        if n <= MAX_COUNT:
+            by_count.setdefault(n, []).append((color, category))
+    return by_count
+
+
+def count_question(scene: Scene, stats: WorldStats, rng: random.Random) -> dict[str, Any] | None:
+    """"How many <plural> are there in the image?" with the answer drawn first, uniformly over the counts
+    the scene offers, then a target with that count: most single categories occur once, so drawing the
+    target first would make "1" the answer almost always."""
+    by_count = count_targets(scene, stats)
+    if not by_count:
         return None
-    cat = rng.choice(cands)
-    prompt = image_prompt(f"How many {plurals(cat)[1]} are there in the image?", SHORT_ANSWER_SUFFIX)
-    return _q(scene, "count", 0, prompt, str(counts[cat]))
+    n = rng.choice(sorted(by_count))
+    color, category = rng.choice(by_count[n])
+    noun = " ".join(w for w in (color, plurals(category)[1] if category else "shapes") if w)
+    prompt = image_prompt(f"How many {noun} are there in the image?", SHORT_ANSWER_SUFFIX)
+    return _q(scene, "count", 0, prompt, str(n), count_of={"color": color, "category": category})
 
 
 def position_question(scene: Scene, rng: random.Random) -> dict[str, Any] | None:
@@ -246,7 +264,7 @@ def describe_question(scene: Scene) -> dict[str, Any]:
 def scene_questions(scene: Scene, stats: WorldStats, seed: int, pope_per_image: int, mc_options: int) -> list[dict[str, Any]]:
     """Every question of one scene; the scene's own RNG makes it independent of the others."""
     rng = random.Random(f"{seed}:{scene.image_id}")
-    singles = [color_question(scene, rng), shape_question(scene, rng), count_question(scene, rng), position_question(scene, rng)]
+    singles = [color_question(scene, rng), shape_question(scene, rng), count_question(scene, stats, rng), position_question(scene, rng)]
     out = [q for q in singles if q is not None]
     out += existence_questions(scene, stats, rng)
     mc = mc_question(scene, stats, rng, mc_options)

@@ -60,7 +60,15 @@ DEFAULTS: dict[str, Any] = {
         "ablations": ["blind", "paraphrased"],
     },
     "package": {"out": None},  # where the shipped parts go (e.g. llavakit/default_model/weights); None: no packaging
+    # `llavakit ablations`: the training variants trained and evaluated from this recipe (llavakit/recipe/ablations.py)
+    "ablations": {
+        "out": None,  # None: <out>/ablations
+        "variants": ["align_instruct", "instruct_only", "text_only", "caption_only"],  # or their letters a, b, c, d
+    },
 }
+
+ABLATION_VARIANTS = {"a": "align_instruct", "b": "instruct_only", "c": "text_only", "d": "caption_only"}
+"""Letter (as in the paper-style table) -> name of each `llavakit ablations` variant."""
 
 REPLACED = {("world", "splits"), ("data", "vqa"), ("data", "mix")}
 """Sections a recipe file replaces as a whole."""
@@ -128,8 +136,27 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), data:
     for item in overrides:
         set_key(user, item)
     cfg = merge(DEFAULTS, user)
+    cfg["ablations"]["variants"] = ablation_variants(cfg["ablations"]["variants"])
     check(cfg)
     return cfg
+
+
+def ablation_variants(items: Any) -> list[str]:
+    """Variant names from names or letters (a list, or a comma-separated string); an unknown one is an error."""
+    if isinstance(items, str):
+        items = [item.strip() for item in items.split(",") if item.strip()]
+    if not isinstance(items, list) or not items:
+        raise RecipeError(f"ablations.variants: expected a non-empty list of variants, got {items!r}")
+    known = ", ".join(f"{letter} ({name})" for letter, name in ABLATION_VARIANTS.items())
+    names = []
+    for item in items:
+        name = ABLATION_VARIANTS.get(str(item), str(item))
+        if name not in ABLATION_VARIANTS.values():
+            raise RecipeError(f"ablations.variants: unknown variant {item!r}; known: {known}")
+        if name in names:
+            raise RecipeError(f"ablations.variants: {name!r} is listed twice")
+        names.append(name)
+    return names
 
 
 def check(cfg: dict) -> None:
@@ -152,6 +179,8 @@ def check(cfg: dict) -> None:
     for source in cfg["data"]["mix"]:
         if source != "instruct" and not (source.startswith("vqa.") and source[4:] in cfg["data"]["vqa"]):
             raise RecipeError(f"data.mix.{source}: not a data source (instruct, or vqa.<name> of data.vqa)")
+    if cfg["ablations"]["out"] is not None and not isinstance(cfg["ablations"]["out"], str):
+        raise RecipeError(f"ablations.out: expected a path, got {cfg['ablations']['out']!r}")
     for ablation in cfg["eval"]["ablations"]:
         if ablation not in ("blind", "paraphrased"):
             raise RecipeError(f"eval.ablations: unknown {ablation!r} (known: blind, paraphrased)")

@@ -1,8 +1,8 @@
 """The recipe's evaluation: the offline benchmark on the held-out split, and its ablations.
 
 - `full`: the trained model, as `llavakit eval --benchmark offline` runs it;
-- `blind`: the same model and questions, every image replaced by a uniform grey image of the
-  same size (what the model answers from the question alone: the text-only ablation);
+- `blind`: the same model and questions, every image replaced by a uniform grey square
+  (`blank_image`: what the model answers from the question alone, the text-only ablation);
 - `paraphrased`: the short-answer questions asked with wordings used nowhere in training
   (llavakit.recipe.phrasing).
 
@@ -17,10 +17,21 @@ from pathlib import Path
 from typing import Any
 
 SHORT_TASKS = ("color", "shape", "count", "position", "existence")
+GREY = (128, 128, 128)
+
+
+def blank_image(size: tuple[int, int]):
+    """A uniform grey square, as wide as the image's longer side. Square, so that the processor's
+    pad-to-square adds no border that would show the aspect ratio: every blank image preprocesses
+    to the same pixels, and the image-token layout is the real image's."""
+    from PIL import Image
+
+    side = max(size)
+    return Image.new("RGB", (side, side), GREY)
 
 
 def blind_predict_fn(pipe, max_new_tokens: int | None = None):
-    """Like `pipeline_predict_fn`, with every image replaced by a grey image of its size."""
+    """Like `pipeline_predict_fn`, with every image replaced by `blank_image`."""
     from PIL import Image
 
     def predict(items) -> list[str]:
@@ -29,7 +40,7 @@ def blind_predict_fn(pipe, max_new_tokens: int | None = None):
             images = []
             for p in item.images:
                 with Image.open(p) as im:
-                    images.append(Image.new("RGB", im.size, (128, 128, 128)))
+                    images.append(blank_image(im.size))
             batch.append((images, item.prompt))
         budget = max_new_tokens or max(item.max_new_tokens for item in items)
         return list(pipe.generate(batch, max_new_tokens=budget, temperature=0.0))
@@ -51,32 +62,38 @@ def build_benchmark(world: Path, out_file: Path, seed: int, pope_per_image: int,
 
 def run_benchmarks(model, bench_file: Path, out: Path, *, ablations: list[str], batch_size: int, seed: int,
                    say=print, model_id: str = "llavakit") -> dict[str, Any]:
-    """Run `full` and the ablations of one model on one benchmark file; returns {run: results}."""
-    from llavakit.eval.predict import pipeline_predict_fn
+    """Run `full`, then the ablations in the order given, of one model on one benchmark file; returns {run: results}."""
     from llavakit.eval.runner import evaluate
     from llavakit.infer.api import load_pipeline
-    from llavakit.recipe.phrasing import paraphrase_benchmark
 
     pipe = load_pipeline(model) if isinstance(model, (str, Path)) else model
-    runs: dict[str, Any] = {}
     progress = _progress(say)
-    say(f"eval full: {bench_file}")
-    runs["full"] = evaluate("offline", bench_file, pipeline_predict_fn(pipe), out / "full", batch_size, model_id, log=progress)
-    if "paraphrased" in ablations:
+    runs: dict[str, Any] = {}
+    for run in ["full", *ablations]:
+        file, predict, what = _ablation_input(run, pipe, bench_file, out, seed)
+        say(f"eval {run}{what}: {file}")
+        runs[run] = evaluate("offline", file, predict, out / run, batch_size, model_id, log=progress)
+    return runs
+
+
+def _ablation_input(run: str, pipe, bench_file: Path, out: Path, seed: int):
+    """(question file, predict function, note) of one evaluation run."""
+    from llavakit.eval.predict import pipeline_predict_fn
+    from llavakit.recipe.phrasing import paraphrase_benchmark
+
+    if run == "full":
+        return bench_file, pipeline_predict_fn(pipe), ""
+    if run == "paraphrased":
         para = out / "offline-paraphrased.json"
         paraphrase_benchmark(bench_file, para, seed)
-        say(f"eval paraphrased: {para}")
-        runs["paraphrased"] = evaluate("offline", para, pipeline_predict_fn(pipe), out / "paraphrased", batch_size,
-                                       model_id, log=progress)
-    if "blind" in ablations:
+        return para, pipeline_predict_fn(pipe), ""
+    if run == "blind":
         blind = out / "offline-blind.json"
         doc = json.loads(bench_file.read_text(encoding="utf-8"))
         doc["questions"] = [q for q in doc["questions"] if q["task"] != "describe"]  # no objects to describe
         blind.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        say(f"eval blind (grey images): {blind}")
-        runs["blind"] = evaluate("offline", blind, blind_predict_fn(pipe), out / "blind", batch_size, model_id,
-                                 log=progress)
-    return runs
+        return blind, blind_predict_fn(pipe), " (grey images)"
+    raise ValueError(f"unknown evaluation run {run!r} (known: full, blind, paraphrased)")
 
 
 def _progress(say):
