@@ -294,3 +294,23 @@ def test_hard_batches_share_one_value_and_name_the_object():
     assert kinds == {"color", "category"}
     with pytest.raises(ValueError, match="too small for hard batches"):
         HardBatchSampler(objects, batch_size=150, generator=torch.Generator())
+
+
+def test_probes_read_a_llava_models_tower_like_its_clip_checkpoint(tiny_run, worlds, tiny_parts, tmp_path):
+    """`--eval --model LLAVA_DIR` probes the tower inside a LLaVA model: one built from the tiny encoder
+    gives exactly the encoder's own patch-feature probe scores, and no retrieval."""
+    from llavakit.model.build import InitConfig, init_model
+    from llavakit.train.clip_eval import EvalConfig, evaluate
+
+    result, _ = tiny_run
+    llava = init_model(InitConfig(vision=str(result.out), lm=str(tiny_parts["llama"]), out=str(tmp_path / "llava")))
+    cfg = EvalConfig(model=str(llava), world=str(worlds["val"]), out=str(tmp_path / "eval"), val_images=30,
+                     probe_fit_images=120, probe_test_images=80, threads=1)
+    report = evaluate(llava, cfg, say=lambda msg: None)
+    assert report["retrieval"] is None and report["params"]["vision"] > 0
+    for feature in ("patch_mean", "patch_grid"):
+        for attr in ("color", "shape", "count", "position"):
+            assert report["probes"][feature][attr]["acc"] == result.eval["probes"][feature][attr]["acc"], (feature, attr)
+    assert (tmp_path / "eval" / "eval.json").is_file()
+    with pytest.raises(ValueError, match="LLaVA model dir"):
+        evaluate(llava, EvalConfig(model=str(llava), world=str(worlds["val"]), random_init=True), say=lambda m: None)

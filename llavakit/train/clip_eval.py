@@ -14,6 +14,8 @@
   A probe is multinomial logistic regression on standardised features (L-BFGS), its L2 strength
   picked on a 20 % hold-out of the fit set. Chance is reported both as 1/K and as the
   majority-class rate of the test set.
+- `--model` may also be a LLaVA model dir (e.g. the default model, whose tower its instruct stage
+  fine-tunes): then its tower alone is probed (no text tower, so no retrieval).
 """
 
 from __future__ import annotations
@@ -90,6 +92,29 @@ def load_encoder(model_dir: str | Path, random_init: bool = False, seed: int = 0
     return model.eval(), CLIPTokenizer.from_pretrained(model_dir)
 
 
+def is_llava_dir(model_dir: str | Path) -> bool:
+    """A LLaVA model dir (config model_type 'llava'), e.g. a trained default model, rather than a CLIP checkpoint."""
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "llava"
+
+
+def load_llava_tower(model_dir: str | Path):
+    """The vision tower of a LLaVA model dir, in eval mode: probing it shows what a tuned tower carries."""
+    from llavakit.model.io import load_model
+
+    return load_model(model_dir).model.model.vision_tower.eval()
+
+
+def tower_outputs(model, pixel_values):
+    """(hidden states, pooled) of a CLIPModel (pooled: the projected CLIP embedding) or of a bare vision
+    tower (pooled: its post-norm CLS)."""
+    if hasattr(model, "get_image_features"):
+        out = model.get_image_features(pixel_values=pixel_values, output_hidden_states=True)
+    else:
+        out = model(pixel_values=pixel_values, output_hidden_states=True)
+    return out.hidden_states, out.pooler_output
+
+
 def patch_grid(patches):
     """Patch tokens [B, n*n, D] average-pooled to a GRID x GRID map, flattened: [B, GRID*GRID*D]."""
     import torch
@@ -110,11 +135,11 @@ def image_features(model, pixels, batch_size: int) -> dict[str, Any]:
     feats: dict[str, list] = {f: [] for f in FEATURES}
     with torch.no_grad():
         for start in range(0, pixels.shape[0], batch_size):
-            out = model.get_image_features(pixel_values=normalize(pixels[start : start + batch_size]), output_hidden_states=True)
-            patches = out.hidden_states[-2][:, 1:, :]  # [B, n*n, Dv] what LLaVA reads (CLS dropped)
+            hidden, pooled = tower_outputs(model, normalize(pixels[start : start + batch_size]))
+            patches = hidden[-2][:, 1:, :]  # [B, n*n, Dv] what LLaVA reads (CLS dropped)
             feats["patch_mean"].append(patches.mean(dim=1))  # [B, Dv]
             feats["patch_grid"].append(patch_grid(patches))  # [B, 16*Dv]
-            feats["pooled"].append(out.pooler_output)  # [B, P]
+            feats["pooled"].append(pooled)  # [B, P]
     return {f: torch.cat(v) for f, v in feats.items()}
 
 
@@ -270,9 +295,13 @@ def format_report(report: dict[str, Any]) -> str:
     """The human-readable table printed by `llavakit train clip --eval`."""
     r = report["retrieval"]
     lines = [f"encoder {report['model']}{' (random init)' if report['random_init'] else ''}: "
-             f"{report['params']['vision'] / 1e6:.2f}M vision params, {report['image_tokens']} patch tokens",
-             f"zero-shot text->image on {r['images']} held-out images ({r['queries']} captions): "
-             f"R@1 {r['t2i_r1']:.3f}  R@5 {r['t2i_r5']:.3f}  (image->text R@1 {r['i2t_r1']:.3f}; chance R@1 {r['t2i_r1_chance']:.3f})"]  # fmt: skip
+             f"{report['params']['vision'] / 1e6:.2f}M vision params, {report['image_tokens']} patch tokens"]
+    if r is None:
+        lines.append("a LLaVA model's vision tower: no text tower, so no retrieval; 'pooled' is its post-norm CLS")
+    else:
+        lines.append(f"zero-shot text->image on {r['images']} held-out images ({r['queries']} captions): "
+                     f"R@1 {r['t2i_r1']:.3f}  R@5 {r['t2i_r5']:.3f}  (image->text R@1 {r['i2t_r1']:.3f}; "
+                     f"chance R@1 {r['t2i_r1_chance']:.3f})")  # fmt: skip
     if report.get("probes"):
         lines.append(f"{'linear probe':<14}{'patch mean (layer -2)':>22}{'4x4 patch grid':>16}{'pooled':>8}"
                      f"{'1/K':>8}{'majority':>10}")  # fmt: skip
@@ -311,14 +340,21 @@ def _evaluate(model_dir: str | Path, cfg: EvalConfig, say) -> dict[str, Any]:
     from llavakit.train.clip_data import load_world
 
     t0 = time.perf_counter()
-    model, tokenizer = load_encoder(model_dir, cfg.random_init)
-    vc = model.config.vision_config
-    max_len = model.config.text_config.max_position_embeddings
-    val = load_world(cfg.world, tokenizer, vc.image_size, max_len, cfg.val_images, cfg.threads)
+    if is_llava_dir(model_dir):  # a LLaVA model's (possibly fine-tuned) tower: probes only, no text tower to retrieve with
+        if cfg.random_init:
+            raise ValueError(f"--random-init needs a CLIP checkpoint; {model_dir} is a LLaVA model dir")
+        model = load_llava_tower(model_dir)
+        vc, params, recall = model.config, {"vision": sum(p.numel() for p in model.parameters())}, None
+    else:
+        model, tokenizer = load_encoder(model_dir, cfg.random_init)
+        vc, params = model.config.vision_config, count_params(model)
+        max_len = model.config.text_config.max_position_embeddings
+        val = load_world(cfg.world, tokenizer, vc.image_size, max_len, cfg.val_images, cfg.threads)
+        recall = retrieval(model, val, cfg.batch_size)
     report: dict[str, Any] = {
         "model": str(model_dir), "world": str(cfg.world), "random_init": cfg.random_init,
         "image_size": vc.image_size, "patch_size": vc.patch_size, "image_tokens": (vc.image_size // vc.patch_size) ** 2,
-        "params": count_params(model), "retrieval": retrieval(model, val, cfg.batch_size), "probes": None,
+        "params": params, "retrieval": recall, "probes": None,
     }  # fmt: skip
     if cfg.probe_fit_images:
         report["probes"] = probes(model, cfg, vc.image_size, say)
