@@ -198,8 +198,11 @@ def test_cli_score_and_build_offline(tmp_path, capsys):
 
 
 def test_cli_errors(tmp_path, capsys, monkeypatch):
+    from llavakit import default_model
+
+    monkeypatch.setattr(default_model, "WEIGHTS", tmp_path / "no-weights")  # --model defaults to `default`
     code, _, err = run_cli(["eval", "--benchmark", "pope", "--data", str(FIX / "pope"), "--out", str(tmp_path)], capsys)
-    assert code == 1 and "missing --model" in err
+    assert code == 1 and "default model is not shipped" in err
     monkeypatch.setitem(sys.modules, "llavakit.infer.api", None)  # an install without the inference layer
     argv = ["eval", "--model", "m", "--benchmark", "pope", "--data", str(FIX / "pope"), "--out", str(tmp_path)]
     code, _, err = run_cli(argv, capsys)

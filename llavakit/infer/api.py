@@ -16,13 +16,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llavakit import default_model
 from llavakit.infer.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from llavakit.infer.prompt import Prompt, PromptError, build_prompt, user_message
 
-MODEL_REGISTRY: dict[str, Callable[[], str | Path] | str | Path] = {}
-"""Short model names (exact keys, e.g. 'default') -> a model dir, or a function that returns one
-(downloading or converting on first use). Empty until an issue ships weights; `load_pipeline`
-looks names up here before treating the argument as a path."""
+MODEL_REGISTRY: dict[str, Callable[[], str | Path] | str | Path] = {"default": default_model.path}
+"""Short model names (exact keys) -> a model dir, or a function that returns one (building it on first
+use). `default` is llavakit's shipped default model (llavakit/default_model: materialised from the shipped
+parts + the smollm2-135m base on first use). `load_pipeline` looks names up here before treating the
+argument as a path."""
 
 
 def resolve_model(model: str | Path) -> Path:

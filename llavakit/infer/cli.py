@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model dir or short name")
+    p.add_argument("--model", default="default", help="model dir or short name (default: the shipped default model)")
     p.add_argument("--int8", action="store_true", help="dynamic int8 quantization of the LM's linear layers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
