@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "chat_ttft": "bench.chat_ttft",
     "server_throughput": "bench.server_throughput",
     "int8": "bench.int8",
+    "server_load": "bench.server_load",
     "datagen_cache": "bench.datagen_cache",
 }
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
@@ -33,6 +34,7 @@ def render_doc(results: list[dict]) -> str:
         "with its baseline measured in the same run on the same machine; absolute numbers depend on the "
         "machine and on its load (see `cpu_pressure_after` and `machine` in `bench/results/*.json`).\n\n"
         + table(results) + "\n\nMachines: " + ", ".join(sorted(machines)) + "\n"
+        + "".join("\n" + r["doc"].strip() + "\n" for r in results if r.get("doc"))  # a bench's own section
     )
 
 

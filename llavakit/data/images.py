@@ -1,19 +1,24 @@
 """Safe image loading: every failure is an `ImageError` naming the file (or source).
 
-Pillow does the decoding; this adds the checks a training run or a server needs: a size cap
-before decoding (decompression bombs), full decode up front (truncated files fail here, not in a
-worker later), and conversion of every mode (L, LA, P, RGBA, CMYK, I;16, ...) to RGB.
+Pillow does the decoding; this adds the checks a training run or a server needs: only common
+photo formats, size caps before decoding (decompression bombs, and thin strips that the image
+processor would blow up), full decode up front (truncated files fail here, not in a worker later),
+and conversion of every mode (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, I;16, I, F) to RGB.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 MAX_PIXELS_DEFAULT = 40_000_000
 """Largest image accepted (width x height): bigger files are refused before they are decoded."""
+
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "PPM")
+"""Pillow formats tried when opening (those of them this Pillow build has). Pillow's `formats=` is
+its own way to narrow what untrusted bytes may be parsed as: no EPS (that runs Ghostscript), PSD,
+FITS, ... (JPEG includes cameras' multi-picture MPO files)."""
 
 
 class ImageError(ValueError):
@@ -22,28 +27,68 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageLimits:
+    """Caps checked from the header, before any pixel is decoded.
+
+    Hand-written rather than Pillow's `Image.MAX_IMAGE_PIXELS`: that is one process-wide global,
+    while a training run and a server (`--max-image-pixels`) each need their own limit, set per
+    call from threads. Pillow's own `DecompressionBombError` (at 2x its global) stays as a backstop.
+    `max_side` and `max_aspect` have no Pillow equivalent: the image processor pads to a square of
+    the longest side, or resizes the shortest side to the encoder's size, so a 2 x 20000 strip
+    (40k pixels, a few hundred bytes) would take gigabytes and tens of seconds there.
+    """
+
     max_pixels: int = MAX_PIXELS_DEFAULT
     max_bytes: int = 50 * 1024 * 1024
+    max_side: int = 10_000
+    max_aspect: float = 50.0
 
     def __post_init__(self) -> None:
-        if self.max_pixels <= 0 or self.max_bytes <= 0:
-            raise ValueError("image limits must be > 0")
+        if min(self.max_pixels, self.max_bytes, self.max_side) <= 0 or self.max_aspect < 1:
+            raise ValueError("image limits must be > 0 (max_aspect >= 1)")
+
+    def check_size(self, w: int, h: int, name: str) -> None:
+        """Raise `ImageError` naming `name` if a w x h image is over a limit."""
+        if w <= 0 or h <= 0:
+            raise ImageError(f"{name}: invalid size {w}x{h}")
+        if w * h > self.max_pixels:
+            raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {self.max_pixels}")
+        if max(w, h) > self.max_side:
+            raise ImageError(f"{name}: {w}x{h}: a side longer than the limit of {self.max_side} pixels")
+        if max(w, h) / min(w, h) > self.max_aspect:
+            raise ImageError(f"{name}: {w}x{h}: aspect ratio {max(w, h) / min(w, h):.0f}:1 exceeds the limit of "
+                             f"{self.max_aspect:g}:1")
 
 
-def _to_rgb(img, name: str):
+def _scaled_to_l(img):
+    """16/32-bit integer and float greyscale -> 8-bit L.
+
+    Pillow's own convert clips these at 255 (a 16-bit photo turns almost white), so scale by hand:
+    16-bit modes by their full range (65535 -> 255); 'I' and 'F' have no fixed range and are
+    stretched from their minimum to their maximum.
+    """
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        scaled = arr / 257.0
+    else:
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.rint(scaled).clip(0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img, name: str = "<image>"):
+    """An RGB copy of a PIL image of any mode (transparency composited on white)."""
     from PIL import Image
 
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
-
-        arr = np.asarray(img, dtype=np.float64)
-        peak = arr.max() or 1.0
-        img = Image.fromarray((arr / peak * 255).clip(0, 255).astype("uint8"), mode="L")
+    if img.mode.startswith(("I;16", "I", "F")):
+        img = _scaled_to_l(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         base = Image.new("RGB", img.size, (255, 255, 255))
         rgba = img.convert("RGBA")
         base.paste(rgba, mask=rgba.getchannel("A"))
@@ -52,6 +97,13 @@ def _to_rgb(img, name: str):
         return img.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageError(f"{name}: cannot convert mode {img.mode} to RGB: {exc}") from None
+
+
+def _formats() -> tuple[str, ...]:
+    from PIL import Image
+
+    Image.init()  # registers every plugin once; a no-op afterwards
+    return tuple(f for f in FORMATS if f in Image.OPEN)
 
 
 def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = ImageLimits()):
@@ -63,24 +115,18 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = Image
     if len(data) > limits.max_bytes:
         raise ImageError(f"{name}: {len(data)} bytes exceeds the limit of {limits.max_bytes}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w <= 0 or h <= 0:
-                raise ImageError(f"{name}: invalid size {w}x{h}")
-            if w * h > limits.max_pixels:
-                raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {limits.max_pixels}")
-            img.load()
+        img = Image.open(io.BytesIO(data), formats=_formats())
+        limits.check_size(*img.size, name)
+        img.load()
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image (format not recognised)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: not an image, or not one of the accepted formats ({', '.join(_formats())})") from None
+    except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
-    return _to_rgb(img, name)
+    return to_rgb(img, name)
 
 
 def load_image(path: str | Path, limits: ImageLimits = ImageLimits()):
@@ -88,4 +134,11 @@ def load_image(path: str | Path, limits: ImageLimits = ImageLimits()):
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: image file not found")
-    return decode_image(path.read_bytes(), str(path), limits)
+    try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:  # before reading: a huge file is never loaded into memory
+            raise ImageError(f"{path}: {size} bytes exceeds the limit of {limits.max_bytes}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decode_image(data, str(path), limits)

@@ -145,31 +145,59 @@ def box_relations(objects: list[SceneObject]) -> set[tuple[int, str, int]]:
     return rels
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AnnotationError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
 def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise AnnotationError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
 
 def _need(obj: Any, key: str, path: Path, what: str) -> Any:
-    if not isinstance(obj, dict) or key not in obj:
+    if not isinstance(obj, dict):
+        raise AnnotationError(f"{path}: {what} must be a JSON object, got {obj!r:.60}")
+    if key not in obj:
         raise AnnotationError(f"{path}: {what} lacks {key!r}")
     return obj[key]
 
 
+def _id(obj: Any, key: str, path: Path, what: str) -> int | str:
+    """obj[key] as an id: an integer or a string (ids are dict keys and sort keys)."""
+    value = _need(obj, key, path, what)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise AnnotationError(f"{path}: {what}: {key!r} must be an integer or a string, got {value!r:.60}")
+    return value
+
+
+def _number(value: Any, cast: type, path: Path | None, what: str) -> float | int:
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        raise AnnotationError(f"{path}: {what} must be a number, got {value!r:.60}") from None
+
+
+def _order(value: Any) -> tuple:
+    """A sort key for ids of mixed types: integers first, then everything else as text."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return (0, value, "") if is_int else (1, 0, str(value))
+
+
 def _read_scenes(path: Path) -> dict[Any, dict]:
     scenes: dict[Any, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                scene = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AnnotationError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-            scenes[_need(scene, "image_id", path, f"line {lineno}")] = scene
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            scene = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AnnotationError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+        scenes[_id(scene, "image_id", path, f"line {lineno}")] = scene
     return scenes
 
 
@@ -214,25 +242,25 @@ def load_dataset(
             raise AnnotationError(f"{instances}: not a COCO instances file (no {key!r} list)")
     cats: dict[int, dict] = {}
     for c in inst["categories"]:
-        cats[_need(c, "id", instances, "a category")] = c
+        cats[_id(c, "id", instances, "a category")] = c
         _need(c, "name", instances, f"category {c.get('id')}")
     supercats = {c["name"]: c.get("supercategory") or "" for c in cats.values()}
 
     images: dict[Any, ImageEntry] = {}
     for im in inst["images"]:
-        iid = _need(im, "id", instances, "an image")
+        iid = _id(im, "id", instances, "an image")
         images[iid] = ImageEntry(
             image_id=iid,
             file_name=str(_need(im, "file_name", instances, f"image {iid}")),
-            width=int(_need(im, "width", instances, f"image {iid}")),
-            height=int(_need(im, "height", instances, f"image {iid}")),
+            width=_number(_need(im, "width", instances, f"image {iid}"), int, instances, f"image {iid}: width"),
+            height=_number(_need(im, "height", instances, f"image {iid}"), int, instances, f"image {iid}: height"),
         )
     per_image: dict[Any, list[dict]] = {}
     for ann in inst["annotations"]:
-        iid = _need(ann, "image_id", instances, "an annotation")
+        iid = _id(ann, "image_id", instances, "an annotation")
         if iid not in images:
             raise AnnotationError(f"{instances}: annotation {ann.get('id')} refers to unknown image_id {iid}")
-        if _need(ann, "category_id", instances, f"annotation {ann.get('id')}") not in cats:
+        if _id(ann, "category_id", instances, f"annotation {ann.get('id')}") not in cats:
             raise AnnotationError(
                 f"{instances}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}"
             )
@@ -242,8 +270,10 @@ def load_dataset(
         caps = _read_json(captions)
         if not isinstance(caps, dict) or not isinstance(caps.get("annotations"), list):
             raise AnnotationError(f"{captions}: not a COCO captions file (no 'annotations' list)")
-        for ann in sorted(caps["annotations"], key=lambda a: (str(a.get("image_id")), a.get("id", 0))):
-            iid = _need(ann, "image_id", captions, "a caption")
+        for ann in caps["annotations"]:
+            _id(ann, "image_id", captions, "a caption")
+        for ann in sorted(caps["annotations"], key=lambda a: (_order(a["image_id"]), _order(a.get("id", 0)))):
+            iid = ann["image_id"]
             text = _need(ann, "caption", captions, f"caption {ann.get('id')}")
             if iid in images and isinstance(text, str) and text.strip():
                 images[iid].captions.append(" ".join(text.split()))
@@ -255,9 +285,9 @@ def load_dataset(
         if scene is not None:
             _fill_from_scene(entry, scene, supercats, scenes)
         else:
-            _fill_from_instances(entry, per_image.get(iid, []), cats)
+            _fill_from_instances(entry, per_image.get(iid, []), cats, instances)
 
-    ordered = sorted(images.values(), key=lambda e: (isinstance(e.image_id, str), e.image_id))
+    ordered = sorted(images.values(), key=lambda e: _order(e.image_id))
     if limit is not None:
         ordered = ordered[:limit]
 
@@ -299,12 +329,16 @@ def load_dataset(
     )
 
 
-def _fill_from_instances(entry: ImageEntry, anns: list[dict], cats: dict[int, dict]) -> None:
-    for ann in sorted(anns, key=lambda a: a.get("id", 0)):
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise AnnotationError(f"annotation {ann.get('id')} of image {entry.image_id}: bbox must be [x, y, w, h]")
-        x, y, w, h = (float(v) for v in bbox)
+def _bbox(bbox: Any, path: Path | None, what: str) -> tuple[float, float, float, float]:
+    if not (isinstance(bbox, list) and len(bbox) == 4):
+        raise AnnotationError(f"{path}: {what}: bbox must be [x, y, w, h], got {bbox!r:.60}")
+    x, y, w, h = (_number(v, float, path, f"{what}: bbox value") for v in bbox)
+    return x, y, w, h
+
+
+def _fill_from_instances(entry: ImageEntry, anns: list[dict], cats: dict[int, dict], path: Path) -> None:
+    for ann in sorted(anns, key=lambda a: _order(a.get("id", 0))):
+        x, y, w, h = _bbox(ann.get("bbox"), path, f"annotation {ann.get('id')} of image {entry.image_id}")
         attrs = dict(ann.get("attributes") or {})
         cat = cats[ann["category_id"]]
         entry.objects.append(
@@ -327,10 +361,9 @@ def _fill_from_scene(entry: ImageEntry, scene: dict, supercats: dict[str, str], 
     entry.has_scene = True
     index_of: dict[Any, int] = {}
     for obj in scene.get("objects") or []:
-        bbox = obj.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4) or "category" not in obj:
-            raise AnnotationError(f"{path}: image {entry.image_id}: object {obj.get('id')} needs category and bbox")
-        x, y, w, h = (float(v) for v in bbox)
+        if not isinstance(obj, dict) or "category" not in obj:
+            raise AnnotationError(f"{path}: image {entry.image_id}: object {obj!r:.60} needs category and bbox")
+        x, y, w, h = _bbox(obj.get("bbox"), path, f"image {entry.image_id}: object {obj.get('id')}")
         extra = {k: v for k, v in obj.items()
                  if k not in {"id", "category", "supercategory", "color", "size", "bbox", "position"}}
         index_of[obj.get("id", len(index_of))] = len(entry.objects)

@@ -9,7 +9,6 @@ shuffled with the seed (unless shuffle is off) and written atomically.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -21,16 +20,12 @@ from llavakit.datagen.records import Report, sidecar, write_json_atomic, write_r
 
 def read_records(path: Path) -> list[dict]:
     """A LLaVA JSON list (or JSONL); every record must have an id and a non-empty conversations list."""
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatagenError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    if not isinstance(data, list):
-        raise DatagenError(f"{path}: expected a JSON list of LLaVA records")
+    from llavakit.data.records import load_records
+
+    try:  # the training loader's reader: UTF-8 and JSON errors name the file and the line
+        data = load_records(path)
+    except ValueError as exc:
+        raise DatagenError(str(exc)) from None
     for i, rec in enumerate(data):
         if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("conversations"), list) \
                 or not rec["conversations"]:

@@ -113,13 +113,21 @@ class Pipeline:
     def prompt(self, images: Sequence, conversation: Conversation) -> Prompt:
         """Validated prompt ids for a conversation; `PromptError` names the problem."""
         messages = user_message(conversation) if isinstance(conversation, str) else list(conversation)
+        _check_images(images)
         return build_prompt(self.lm, messages, list(images), self.max_positions)
 
     def pixel_values(self, images: Sequence):
-        """[N, 3, H, W] pixel values for PIL images (None for no images)."""
+        """[N, 3, H, W] pixel values for PIL images of any mode (None for no images).
+
+        Every image goes through `to_rgb` first, as files do in `load_images`, so a PIL image and
+        the same file give the same pixels (the processor's own conversion clips 16-bit to white).
+        """
         if not images:
             return None
-        return self.lm.image_processor(list(images), return_tensors="pt")["pixel_values"]  # [N, 3, H, W]
+        from llavakit.data.images import to_rgb
+
+        rgb = [to_rgb(im, f"image {i}") for i, im in enumerate(images)]
+        return self.lm.image_processor(rgb, return_tensors="pt")["pixel_values"]  # [N, 3, H, W]
 
     def text_stream(self, params: SamplingParams):
         from llavakit.infer.text import StopRule, TextStream
@@ -199,6 +207,15 @@ class Pipeline:
         from llavakit.data.images import load_image
 
         return [load_image(p) for p in paths]
+
+
+def _check_images(images: Sequence) -> None:
+    """Images must be PIL images (file paths go through `Pipeline.load_images`)."""
+    from PIL import Image
+
+    for i, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            raise PromptError(f"image {i} is a {type(im).__name__}, not a PIL image (load files with load_images)")
 
 
 def _completion(prompt: Prompt, row) -> Completion:

@@ -64,9 +64,11 @@ def _pipeline(args, **kw):
 def run_chat(args: argparse.Namespace) -> int:
     from llavakit.infer.chat import one_shot, repl
 
-    params = _params(args)  # bad sampling options fail before the model loads
+    from llavakit.infer.api import Pipeline
+
+    params = _params(args)  # bad sampling options and images fail before the model loads
+    images = Pipeline.load_images(args.image)
     pipe = _pipeline(args)
-    images = pipe.load_images(args.image)
     if args.question is not None:
         return one_shot(pipe, images, args.question, params, system=args.system)
     return repl(pipe, images, params, system=args.system, reuse_kv=not args.no_kv_reuse)

@@ -43,8 +43,12 @@ def read_questions(path: str | Path) -> list[Question]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"question file {path} not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     questions, seen = [], set()
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         q = _question(path, n, raw)

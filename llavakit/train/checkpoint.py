@@ -6,6 +6,12 @@ Around it this module adds: a temp dir renamed into place only when complete (a 
 leaves a half checkpoint that looks whole), `trainer_state.json` (global step, sampler position,
 counters) and `config.yaml`, pruning to the newest `keep_last`, and — outside DeepSpeed/FSDP —
 saving only the trainable parameters (frozen ones are re-read from the stage's `init_from`).
+
+Crash safety: every file of the temp dir is fsynced before `trainer_state.json` (written last,
+itself fsynced) marks it complete, and the parent dir is fsynced after each rename, so neither a
+killed process nor a power cut leaves a complete-looking checkpoint with missing or empty files.
+Pruning renames a checkpoint out of the `step-N` namespace before deleting it, so a checkpoint
+half-deleted by a crash never looks complete either.
 """
 
 from __future__ import annotations
@@ -50,8 +56,10 @@ def save(accelerator, root: Path, step: int, state: dict, config_yaml: str, keep
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "config.yaml").write_text(config_yaml)
+        _fsync_tree(tmp)
         _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete checkpoint
         _replace_dir(tmp, final)
+        _fsync_dir(root)
         prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
@@ -64,6 +72,27 @@ def _write_json(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(part, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root (accelerate writes without fsync)."""
+    for d, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(Path(d) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(d))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (files created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -80,7 +109,9 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete checkpoints, and leftover temp dirs."""
     for _, d in checkpoints(root)[:-keep_last]:
-        shutil.rmtree(d)
+        old = d.with_name(f".old-{d.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(d, old)  # atomic: from here on it is no longer a checkpoint, whatever is left of it
     for d in root.iterdir():
         if d.name.startswith((".tmp-", ".old-")) and d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
