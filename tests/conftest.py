@@ -42,3 +42,16 @@ def tiny_model_dir(tiny_parts, tmp_path_factory):
 def tiny_plain_model_dir(tiny_parts, tmp_path_factory):
     """The same parts with the `plain` (stage-1) template."""
     return make_model(tiny_parts, tmp_path_factory.mktemp("model_plain") / "m", template="plain")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread (on a shared CPU every parallel region's barrier stalls),
+    and in-process and child runs then do the same float operations. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

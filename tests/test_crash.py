@@ -119,13 +119,7 @@ sys.exit(main(sys.argv[3:]))
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process and child runs must do the same float operations: one thread each."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_child(tmp: Path, kill: str, step: int, args: list[str]) -> subprocess.CompletedProcess:

@@ -26,14 +26,7 @@ RED = (200, 30, 30)
 QUESTION = "<image>\nWhat is this?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- the image corpus -------------------------------------------------------------------------

@@ -24,15 +24,7 @@ RED = Image.new("RGB", (40, 30), (200, 20, 20))
 BLUE = Image.new("RGB", (30, 50), (20, 20, 200))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a shared CPU every parallel region's barrier stalls."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def png_bytes(image: Image.Image) -> bytes:
