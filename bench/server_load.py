@@ -19,7 +19,6 @@ import base64
 import contextlib
 import io
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import row, table, write_result  # noqa: E402
+from bench.common import free_port, row, table, write_result  # noqa: E402
 
 NAME = "server_load"
 REQUESTS = 200
@@ -68,12 +67,6 @@ def request_body(i: int, tokens: int) -> dict:
              {"type": "text", "text": f"Request {i}: what is in this picture?"}]
     return {"model": "load", "temperature": 0, "max_tokens": tokens, "min_tokens": tokens,
             "messages": [{"role": "user", "content": parts}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
