@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llavakit.model.package import sha256_file
 from llavakit.recipe.config import RecipeError, _deep_update, digest
 
 MARKER = ".recipe-step.json"
@@ -42,16 +43,6 @@ def write_marker(path: Path, data: dict) -> None:
     tmp = path / (MARKER + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path / MARKER)
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def move_aside(path: Path, old_hash: str) -> Path:
