@@ -7,6 +7,8 @@ from pathlib import Path
 
 from torch import nn
 
+from llavakit.data.render import IGNORE_INDEX
+
 PROJECTOR = "multi_modal_projector"
 VISION = "vision_tower"
 """transformers' name for the LLaVA projector module (a module name, not a model name)."""
@@ -126,18 +128,34 @@ class TrainModule(nn.Module):
         return self
 
     def forward(self, input_ids, attention_mask, labels, num_items, pixel_values=None, image_features=None):
+        llava = llava_of(self.model)
         extra = {}
         if image_features is not None:  # cached encoder output: project it, let the model scatter it
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-            projected = llava_of(self.model).model.multi_modal_projector(image_features)  # [N, S, Dt]
+            projected = llava.model.multi_modal_projector(image_features)  # [N, S, Dt]
             # the same structure get_image_features returns: one [S, Dt] tensor per image
             extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
         elif pixel_values is not None:
             extra["pixel_values"] = pixel_values  # [N, 3, H, W]
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                         num_items_in_batch=num_items, use_cache=False, **extra)
-        return out.loss
+        hidden = llava.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             **extra).last_hidden_state  # [B, T, D]
+        return target_loss(llava.lm_head, hidden, labels, num_items)
+
+
+def target_loss(lm_head: nn.Module, hidden, labels, num_items):
+    """Summed next-token cross-entropy over the target tokens, divided by `num_items`.
+
+    The same number as transformers' causal-LM loss (`num_items_in_batch`), but the LM head only
+    runs where a label is trained: on instruction data that is ~5 % of the positions, and the
+    head (vocab x width) is a large share of a small LM's compute and of its activation memory.
+    """
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
+    keep = targets != IGNORE_INDEX  # [B, T-1]
+    logits = lm_head(hidden[:, :-1][keep])  # [N, V]
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / num_items
 
 
 def count_params(model: nn.Module) -> dict:
