@@ -99,6 +99,25 @@ def test_siglip_and_qwen2_linear(tiny_parts, tmp_path):
     assert torch.isfinite(out_.loss)
 
 
+def test_hf_llava_loads_a_linear_projector_with_a_random_linear_2(tiny_parts, tmp_path):
+    """What docs/model.md says about `linear` in plain transformers: no error and no shape mismatch
+    (linear_1 has the same shape), but linear_2 is reported missing and randomly initialised, so the
+    model runs with a different projector (linear_1 -> GELU -> random linear_2)."""
+    from transformers import LlavaForConditionalGeneration
+
+    out = make_model(tiny_parts, tmp_path / "m", projector="linear")
+    hf, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert set(info["missing_keys"]) == {"model.multi_modal_projector.linear_2.weight",
+                                         "model.multi_modal_projector.linear_2.bias"}
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    lm = load_model(out)
+    ids, pixels, _ = batch_for(lm)
+    with torch.no_grad():
+        ours = lm.model(input_ids=ids, pixel_values=pixels).logits  # [1, T, V]
+        theirs = hf.eval()(input_ids=ids, pixel_values=pixels).logits
+    assert (ours - theirs).abs().max().item() > 1e-3
+
+
 def test_full_strategy_keeps_cls(tiny_parts, tmp_path):
     lm = load_model(make_model(tiny_parts, tmp_path / "m", select_strategy="full", vision_feature_layer=-1))
     assert lm.image_seq_length == 17
