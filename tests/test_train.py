@@ -284,6 +284,19 @@ def test_bad_records_skipped_are_counted_and_reported(tiny_model_dir, squares, b
     assert "not found" in reasons["missing-image"] and "corrupt" in reasons["corrupt-image"]
 
 
+def test_truncated_records_are_counted_and_reported(tiny_model_dir, squares, bad_data, tmp_path, capsys):
+    long = {"id": "long-caption", "image": "sq_0.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red square on white. " * 30}]}
+    path = bad_data["write"]("d.json", bad_data["good"] + [long])  # 16 records: one step
+    cfg = config("align", tiny_model_dir, tmp_path / "out", path, squares["images"], data={
+        "eval_size": 0, "max_length": 120, "truncate": True}, optim={"batch_size": 16, "micro_batch_size": 8})
+    r = report(train(cfg))
+    assert r["steps"] == 1 and r["skipped"]["count"] == 0
+    assert r["truncated"] == {"enabled": True, "max_length": 120, "count": 1, "train": 1, "eval": 0,
+                              "ids": ["long-caption"], "ids_shown_max": 50}
+    assert "data.truncate: 1 record(s) cut at max_length 120 (1 train, 0 eval) (ids: long-caption)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("recipe", ["llava-1.5-7b/align.yaml", "llava-1.5-7b/instruct.yaml", "llava-1.5-7b-lora/instruct.yaml"])
 def test_dry_run_of_the_7b_recipes(recipe, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -291,6 +304,27 @@ def test_dry_run_of_the_7b_recipes(recipe, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "dry run: ok" in out and "FAIL" not in out and "stand-in run: 2 steps" in out
     assert "ZeRO stage" in out and "8 proc -> 1 accumulation step(s)" in out
+
+
+TINY_RECIPES = sorted(p.name for p in (REPO / "configs" / "tiny").glob("*.yaml"))
+
+
+def test_tiny_recipes_are_shipped():
+    assert set(TINY_RECIPES) >= {"align.yaml", "instruct.yaml", "instruct-lora.yaml"}
+
+
+@pytest.mark.parametrize("recipe", TINY_RECIPES)
+def test_dry_run_of_the_tiny_recipes(recipe, capsys, monkeypatch):
+    """The CPU recipes of docs/training.md's quick start: config valid, their pipeline runs on stand-ins."""
+    from llavakit.train.config import load_config
+
+    monkeypatch.chdir(REPO)
+    path = f"configs/tiny/{recipe}"
+    cfg = load_config(path)
+    assert main(["train", path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: ok" in out and "FAIL" not in out and "stand-in run: 2 steps" in out
+    assert f"lr {cfg.optim.lr} " in out and f"lora {cfg.lora.enabled}" in out  # the recipe's own settings ran
 
 
 def test_dry_run_reports_a_broken_deepspeed_config(tmp_path, capsys, monkeypatch):

@@ -2,7 +2,8 @@
 
 1. `build_index` renders every record once (the one render function, in DataLoader workers) to
    learn its exact length and check it — bad `<image>` counts, over-long records, missing image
-   files. Nothing but the lengths is kept; samples are rendered again, lazily, when batched.
+   files. Nothing but the lengths (and which records `data.truncate` cut) is kept; samples are
+   rendered again, lazily, when batched.
 2. `plan_epoch` shuffles (seeded by epoch) and groups records of one modality and similar length
    into global batches; `rank_micro_batches` cuts each global batch into the micro-batches of one
    process. The plan is a pure function of (seed, epoch), so a resumed run skips to the same place.
@@ -41,6 +42,8 @@ class Index:
     """Exact token count of each usable record (image tokens included)."""
     n_images: list[int]
     failures: list[Failure] = field(default_factory=list)
+    truncated: list[int] = field(default_factory=list)
+    """Positions of usable records that were cut at max_length (data.truncate)."""
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -79,8 +82,8 @@ def record_id(record: object, position: int) -> str:
     return str(rid) if rid is not None else f"#{position}"
 
 
-def check_record(source: Source, i: int) -> tuple[int, int] | Failure:
-    """(length, n_images) of record i, or why it is unusable (files checked for existence only)."""
+def check_record(source: Source, i: int) -> tuple[int, int, bool] | Failure:
+    """(length, n_images, truncated) of record i, or why it is unusable (files checked for existence only)."""
     from llavakit.data.records import RecordError
     from llavakit.data.render import render_record
 
@@ -92,7 +95,7 @@ def check_record(source: Source, i: int) -> tuple[int, int] | Failure:
     for name in sample.images:
         if not (source.image_folder / name).is_file():
             return Failure(sample.id, f"image file not found: {source.image_folder / name}")
-    return len(sample.input_ids), len(sample.images)
+    return len(sample.input_ids), len(sample.images), sample.truncated
 
 
 def build_index(source: Source, num_workers: int) -> Index:
@@ -110,6 +113,8 @@ def build_index(source: Source, num_workers: int) -> Index:
             index.positions.append(i)
             index.lengths.append(result[0])
             index.n_images.append(result[1])
+            if result[2]:
+                index.truncated.append(i)
     return index
 
 
@@ -125,8 +130,15 @@ def split_eval(index: Index, eval_size: int, seed: int) -> tuple[Index, Index]:
 
 
 def _subset(index: Index, keep: list[int], failures: list[Failure]) -> Index:
-    return Index([index.positions[k] for k in keep], [index.lengths[k] for k in keep],
-                 [index.n_images[k] for k in keep], list(failures))
+    positions = [index.positions[k] for k in keep]
+    kept = set(positions)
+    return Index(positions, [index.lengths[k] for k in keep], [index.n_images[k] for k in keep], list(failures),
+                 [p for p in index.truncated if p in kept])
+
+
+def truncated_ids(source: Source, index: Index) -> list[str]:
+    """Ids of the records of `index` that were cut at max_length, in file order."""
+    return [record_id(source.records[p], p) for p in index.truncated]
 
 
 # ---- batching plan ----------------------------------------------------------------------------

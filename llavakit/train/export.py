@@ -115,6 +115,7 @@ def write_report(run, wall_seconds: float) -> Path:
         "skipped": {"count": len(s.skipped), "records": s.skipped},
         "processes": run.world, "accumulation_steps": run.accum, "mixed_precision": run.accelerator.mixed_precision, "resumed_from_step": run.resumed_from,
         "feature_cache": run.cfg.data.feature_cache,
+        "truncated": run.truncation.to_dict() if run.truncation else None,
     }
     path = run.out / "report.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -22,6 +22,8 @@ from llavakit.train.data import Failure, Index, Source
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("out", "runtime.kill_after_step", "data.num_workers", "log", "checkpoint.keep_last")
+# Truncated record ids named in report.json (the count is always exact).
+TRUNCATED_IDS_SHOWN = 50
 
 
 @dataclass
@@ -50,6 +52,42 @@ class RunState:
 
 
 @dataclass
+class Truncation:
+    """Records cut at data.max_length (data.truncate): counted and named, never silent."""
+
+    enabled: bool
+    max_length: int | None
+    train: int = 0
+    """Truncated records among the training records (after the eval split)."""
+    eval: int = 0
+    """Truncated records among the eval records."""
+    ids: list[str] = field(default_factory=list)
+    """The first TRUNCATED_IDS_SHOWN truncated ids, training records first."""
+
+    @property
+    def count(self) -> int:
+        return self.train + self.eval
+
+    def line(self) -> str:
+        more = f", first {len(self.ids)} of them" if len(self.ids) < self.count else ""
+        named = f" (ids{more}: {', '.join(self.ids)})" if self.ids else ""
+        return (f"data.truncate: {self.count} record(s) cut at max_length {self.max_length} "
+                f"({self.train} train, {self.eval} eval){named}")
+
+    def to_dict(self) -> dict:
+        return {"enabled": self.enabled, "max_length": self.max_length, "count": self.count,
+                "train": self.train, "eval": self.eval, "ids": self.ids, "ids_shown_max": TRUNCATED_IDS_SHOWN}
+
+
+def count_truncated(cfg: TrainConfig, train: tuple[Source, Index], held: tuple[Source | None, Index | None]) -> Truncation:
+    from llavakit.train.data import truncated_ids
+
+    ids = truncated_ids(*train) + (truncated_ids(*held) if held[1] is not None else [])
+    return Truncation(cfg.data.truncate, cfg.data.max_length, len(train[1].truncated),
+                      len(held[1].truncated) if held[1] is not None else 0, ids[:TRUNCATED_IDS_SHOWN])
+
+
+@dataclass
 class Run:
     """What one training run holds while it runs."""
 
@@ -71,6 +109,7 @@ class Run:
     metrics: object = None
     progress: object = None
     resumed_from: int | None = None
+    truncation: Truncation | None = None
 
     @property
     def world(self) -> int:
@@ -291,7 +330,8 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     train_source, train_index, eval_source, eval_index = build_data(cfg, procs, loaded, state)
     unused = cfg.data.on_bad_record == "skip" or not all(train_index.n_images)
     accelerator = make_accelerator(cfg, cpu, procs.num_processes, unused)
-    run = Run(cfg, out, accelerator, loaded, train_source, eval_source, train_index, eval_index, state=state)
+    run = Run(cfg, out, accelerator, loaded, train_source, eval_source, train_index, eval_index, state=state,
+              truncation=count_truncated(cfg, (train_source, train_index), (eval_source, eval_index)))
     geometry(run)
     state.data_fingerprint = fingerprint(train_index)
     if cfg.data.feature_cache:

@@ -234,6 +234,8 @@ def _train(cfg: TrainConfig, resume: bool) -> Path:
     if run.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.yaml").write_text(cfg.to_yaml())
+        if cfg.data.truncate:
+            print(run.truncation.line(), flush=True)
     run.metrics = Metrics(run.out, enabled=run.is_main, tensorboard=cfg.log.tensorboard, resume_step=run.resumed_from)
     run.progress = Progress(run.total_steps, run.state.step, enabled=run.is_main and cfg.log.progress)
     if cfg.eval.at_start and run.state.step == 0:
