@@ -91,7 +91,7 @@ class ClipTrainConfig:
     """AdamW epsilon (CLIP's)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 turns it off)."""
-    hard_batch_prob: float = 0.5
+    hard_batch_prob: float = 0.0
     """Fraction of steps that use a grouped hard-negative batch instead of a random one: images sharing one
     colour (or shape), each paired with a caption about that object alone, so shape and position must be
     told apart (llavakit/train/clip_hard.py). 0 gives plain CLIP batches."""
