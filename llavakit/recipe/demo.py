@@ -42,7 +42,8 @@ def demo(out: str = "runs/demo", images: int = 3, bench_images: int = 30, seed: 
         model_dir, label = default_model.path(progress=log), "default model"
     else:
         log(f"The default model is not shipped in this checkout yet ({default_model.WEIGHTS / 'manifest.json'} "
-            f"is missing): `llavakit recipe {default_model.RECIPE}` trains and packages it (about 2 hours on 2 cores).")
+            f"is missing): `llavakit recipe {default_model.RECIPE}` trains and packages it (about 2 hours on 2 cores), "
+            "but its last full run did not learn to use the images (docs/default-model.md), so it is not shipped.")
         log(PILOT_BANNER)
         model_dir, pilot_table = run_pilot(pilot_recipe)
         label = "pilot"
