@@ -89,6 +89,35 @@ def test_align_writes_every_output(aligned):
     assert {"loss", "lr", "tokens_per_s", "grad_norm", "padding_fraction"} <= first.keys()
 
 
+def test_eval_measures_how_much_the_images_matter(aligned, tiny_model_dir, squares, tmp_path):
+    """image_gain = held-out loss with other records' images - with the right ones: logged at every eval,
+    exactly 0 when the projector maps every image to the same tokens, and absent when turned off."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llavakit.train.trainer import _swap_images
+
+    rows = [m for m in map(json.loads, (aligned / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "eval"]
+    assert all(isinstance(r["image_gain"], float) and r["image_gain"] != 0.0 for r in rows)
+    blind = tmp_path / "blind"
+    shutil.copytree(tiny_model_dir, blind)
+    tensors = load_file(blind / "model.safetensors")
+    for k in [k for k in tensors if "multi_modal_projector.linear_2" in k]:
+        tensors[k] = torch.zeros_like(tensors[k])  # every image -> the same (zero) tokens
+    save_file(tensors, blind / "model.safetensors", metadata={"format": "pt"})
+    runs = {}
+    for name, on in (("zeroed", True), ("off", False)):
+        out = train(config("align", blind, tmp_path / name, squares["caption"], squares["images"],
+                           optim={"max_steps": 1}, eval={"at_start": True, "image_gain": on}))
+        runs[name] = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "eval"]
+    assert runs["zeroed"][0]["step"] == 0 and abs(runs["zeroed"][0]["image_gain"]) < 1e-9
+    assert all("image_gain" not in r for r in runs["off"])
+    pixels = torch.arange(3.0).view(3, 1)  # [N, ...]
+    assert _swap_images({"pixel_values": pixels})["pixel_values"].flatten().tolist() == [2.0, 0.0, 1.0]
+    assert _swap_images({"pixel_values": pixels[:1]}) is None and _swap_images({"input_ids": pixels}) is None
+
+
 def test_instruct_full_trains_language_model_and_projector(aligned, squares, tmp_path):
     out = train(config("instruct", aligned, tmp_path / "full", squares["qa"], squares["images"], optim={"lr": 1e-3}))
     before, after = weights(aligned / "model"), weights(out / "model")

@@ -194,6 +194,10 @@ class EvalConfig:
     """Also measure eval loss before the first step."""
     micro_batch_size: int | None = None
     """Records per eval forward pass; None: optim.micro_batch_size."""
+    image_gain: bool = True
+    """Also measure the held-out loss with every image swapped for another record's (rolled by one within
+    each eval micro-batch): `image_gain` = that loss − the loss with the right images, on the same targets.
+    It is how much the model uses its images; near 0 means it answers from the text alone."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "eval.every_steps", "must be >= 0")

@@ -19,7 +19,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -78,8 +78,17 @@ def train_step(run: Run, batches: list) -> dict:
             "grad_norm": None if grad_norm is None else float(grad_norm)}
 
 
-def evaluate(run: Run) -> float | None:
-    """Mean target-token loss over the held-out split (every process takes the same number of batches)."""
+@dataclass
+class EvalResult:
+    loss: float
+    """Mean target-token loss over the held-out split."""
+    image_gain: float | None = None
+    """Mean loss with other records' images minus with the right ones, over the targets of the
+    micro-batches holding at least two images; None when there are none (or it is turned off)."""
+
+
+def evaluate(run: Run) -> EvalResult | None:
+    """Held-out loss (every process takes the same number of batches), and how much the images matter."""
     from llavakit.train.data import eval_micro_batches, make_loader
 
     if run.eval_index is None or len(run.eval_index) == 0:
@@ -92,15 +101,37 @@ def evaluate(run: Run) -> float | None:
     model = run.module  # through the wrapper: under ZeRO-3/FSDP forward gathers shards (same batch count everywhere)
     model.eval()
     one = torch.ones((), device=run.accelerator.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=run.accelerator.device)  # [loss sum, targets]
+    # [loss sum, targets, loss sum where images were swapped, the same with swapped images, their targets]
+    sums = torch.zeros(5, dtype=torch.float64, device=run.accelerator.device)
     with torch.no_grad():
         for batch in loader:
             check_batches(run, [batch], "eval")
-            loss = model(**batch.model_inputs(run.accelerator.device), num_items=one)  # summed token loss
-            sums += torch.stack([loss.double(), torch.tensor(float(batch.n_targets), dtype=torch.float64, device=sums.device)])
+            inputs = batch.model_inputs(run.accelerator.device)
+            loss = model(**inputs, num_items=one).double()  # summed token loss
+            n = float(batch.n_targets)
+            swapped = _swap_images(inputs) if run.cfg.eval.image_gain else None
+            # every process runs the same forwards (ZeRO-3/FSDP): swap only where this batch allows it
+            other = model(**swapped, num_items=one).double() if swapped is not None else loss.new_zeros(())
+            seen = swapped is not None
+            sums += torch.stack([loss, loss.new_tensor(n), loss if seen else loss.new_zeros(()), other,
+                                 loss.new_tensor(n if seen else 0.0)])
     model.train()
     sums = run.accelerator.reduce(sums, "sum") if run.world > 1 else sums
-    return float(sums[0] / sums[1]) if float(sums[1]) else None
+    if not float(sums[1]):
+        return None
+    gain = float((sums[3] - sums[2]) / sums[4]) if float(sums[4]) else None
+    return EvalResult(float(sums[0] / sums[1]), gain)
+
+
+def _swap_images(inputs: dict) -> dict | None:
+    """The same inputs with the images rolled by one (each image slot gets another image of the batch).
+
+    Every image has the same number of tokens, so the token layout stays valid. None with < 2 images.
+    """
+    key = "pixel_values" if "pixel_values" in inputs else "image_features" if "image_features" in inputs else None
+    if key is None or inputs[key].shape[0] < 2:
+        return None
+    return {**inputs, key: inputs[key].roll(1, dims=0)}  # [N, ...]
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -117,14 +148,19 @@ def epoch_loader(run: Run, epoch: int, start: int):
 
 
 def log_eval(run: Run) -> None:
-    loss = evaluate(run)
-    if loss is None:
+    result = evaluate(run)
+    if result is None:
         return
+    loss = result.loss
     run.state.eval_loss = loss
     if run.state.first_eval_loss is None:
         run.state.first_eval_loss = loss
-    run.metrics.log({"step": run.state.step, "eval_loss": loss}, "eval")
-    run.progress.write(f"step {run.state.step}: eval loss {loss:.4f}")
+    record, line = {"step": run.state.step, "eval_loss": loss}, f"step {run.state.step}: eval loss {loss:.4f}"
+    if result.image_gain is not None:
+        record["image_gain"] = result.image_gain
+        line += f", image gain {result.image_gain:+.4f} (loss with other records' images minus with the right ones)"
+    run.metrics.log(record, "eval")
+    run.progress.write(line)
 
 
 def log_train(run: Run, window: list[dict], seconds: float) -> None:
