@@ -155,3 +155,22 @@ def test_cli_export_gguf(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "model-f32.gguf" in printed and "mmproj-f32.gguf" in printed and "note:" in printed
     assert gguf.GGUFReader(tmp_path / "model-f32.gguf").fields["general.architecture"].contents() == "llama"
+
+
+def test_agreement_counts_identical_answers_per_task(tmp_path):
+    """The llama.cpp-vs-llavakit comparison: per offline task and in all, case/space-insensitive; refuses
+    two files that answer different questions."""
+    from llavakit.interop.llamacpp import agreement, agreement_table
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"question_id": q, "text": t}) + "\n" for q, t in rows))
+        return path
+
+    ours = write("a.jsonl", [("1-color-0", "red"), ("1-shape-0", "star"), ("2-color-0", "Blue "), ("x", "yes")])
+    theirs = write("b.jsonl", [("1-color-0", "red"), ("1-shape-0", "circle"), ("2-color-0", "blue"), ("x", "no")])
+    rows = agreement(ours, theirs)
+    assert rows == {"all": (2, 4), "color": (2, 2), "shape": (0, 1)}
+    assert "| shape | 0/1 | 0.0 |" in agreement_table(rows)
+    with pytest.raises(ValueError, match="different questions"):
+        agreement(ours, write("c.jsonl", [("1-color-0", "red")]))

@@ -202,6 +202,37 @@ def predict_fn(runner: LlamaCppLlava, max_new_tokens: int | None = None):
     return predict
 
 
+def agreement(ours: str | Path, theirs: str | Path) -> dict[str, tuple[int, int]]:
+    """Identical answers (case and outer space ignored) per group, from two `answers.jsonl` of one benchmark.
+
+    The group is the middle of `<image>-<task>-<n>` question ids (the offline benchmark's), else "all";
+    "all" always holds the total. Raises when the two files do not answer the same questions.
+    """
+    a, b = (_answers(Path(f)) for f in (ours, theirs))
+    if a.keys() != b.keys():
+        raise ValueError(f"{ours} and {theirs} answer different questions "
+                         f"({len(a.keys() - b.keys())} only in the first, {len(b.keys() - a.keys())} only in the second)")
+    table: dict[str, list[int]] = {}
+    for qid, text in a.items():
+        parts = qid.split("-")
+        same = int(text.strip().lower() == b[qid].strip().lower())
+        for group in {parts[1] if len(parts) == 3 else "all", "all"}:
+            row = table.setdefault(group, [0, 0])
+            row[0], row[1] = row[0] + same, row[1] + 1
+    return {g: (v[0], v[1]) for g, v in sorted(table.items())}
+
+
+def _answers(path: Path) -> dict[str, str]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {str(r["question_id"]): r["text"] for r in rows}
+
+
+def agreement_table(rows: dict[str, tuple[int, int]]) -> str:
+    lines = ["| group | identical answers | % |", "| --- | ---: | ---: |"]
+    lines += [f"| {g} | {same}/{n} | {100 * same / n:.1f} |" for g, (same, n) in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llavakit.interop.llamacpp",
                                 description="Run a llavakit benchmark with answers from llama.cpp (an `export --format gguf` dir).")
@@ -212,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compare", metavar="ANSWERS", default=None,
+                   help="llavakit's answers.jsonl for the same benchmark: also print how many answers are identical")
     args = p.parse_args(argv)
     from llavakit.eval.runner import evaluate
 
@@ -222,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         runner.close()
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
+    if args.compare:
+        table = agreement_table(agreement(args.compare, Path(args.out) / "answers.jsonl"))
+        (Path(args.out) / "agreement.md").write_text(table, encoding="utf-8")
+        print(f"\nllama.cpp vs {args.compare}:\n{table}", end="")
     return 0
 
 
