@@ -76,12 +76,13 @@ def test_rows_joining_a_running_batch_get_their_own_tokens(pipe):
     assert [tuple(r.generated) for r in rows] == alone
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["fp32-linear", "onednn-packed"])
+@pytest.mark.parametrize("packed", [False, True], ids=["fp32-linear", "fused-dense"])
 def test_greedy_tokens_match_transformers_generate(tiny_model_dir, packed):
     from llavakit.infer.optimize import linear_summary
 
-    p = load_pipeline(tiny_model_dir, fast=packed, pack_min_elements=0)
-    assert linear_summary(p.lm.model) == ({"packed": 15} if packed else {"fp32": 15})
+    p = load_pipeline(tiny_model_dir, fast=packed)
+    assert linear_summary(p.lm.model) == ({"fused": 10, "dense": 5} if packed else {"fp32": 15})
+    assert p.engine.decode_step is not None
     ours = p.complete([([RED], "<image>\nDescribe the image.")], SamplingParams(max_new_tokens=16))[0]
     prompt = p.prompt([RED], "<image>\nDescribe the image.")
     ids = torch.tensor([prompt.ids])  # [1, T]
@@ -89,6 +90,179 @@ def test_greedy_tokens_match_transformers_generate(tiny_model_dir, packed):
     out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=p.pixel_values([RED]),
                        max_new_tokens=16, do_sample=False, suppress_tokens=[p.image_token_id])  # [1, T+n]
     assert list(ours.token_ids) == out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fused", "int8"])
+def test_decode_step_gives_the_model_forward_tokens(tiny_model_dir, kind):
+    """The fast one-token step against the model's own forward, on a left-padded batch and alone."""
+    p = load_pipeline(tiny_model_dir, fast=kind == "fused", int8=kind == "int8")
+    batch = [([RED], "<image>\nDescribe the image."), ([], "Name three colours, then three shapes, and count them."),
+             ([BLUE], "<image>\nWhat is it?")]
+    fast = p.complete(batch, SamplingParams(max_new_tokens=16))
+    step, p.engine.decode_step = p.engine.decode_step, None
+    slow = p.complete(batch, SamplingParams(max_new_tokens=16))
+    assert step is not None and [c.token_ids for c in fast] == [c.token_ids for c in slow]
+
+
+def test_compiled_decode_step_is_opt_in(tiny_model_dir, monkeypatch):
+    from llavakit.infer.engine import COMPILE_ENV
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert load_pipeline(tiny_model_dir).engine.compiled_step is None
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    assert load_pipeline(tiny_model_dir).engine.compiled_step is not None  # compiles at its first step
+    assert load_pipeline(tiny_model_dir, int8=True).engine.compiled_step is None  # needs fp32 packed linears
+
+
+def test_compiled_decode_step_gives_generate_tokens_without_recompiling(tiny_model_dir):
+    from torch._dynamo.utils import counters
+
+    p = load_pipeline(tiny_model_dir)
+    p.engine.compile_decode()
+    item = ([RED], "<image>\nDescribe the image.")
+    longer = ([BLUE], "<image>\nDescribe the image. " + "Be brief. " * 40)
+    ours = p.complete([item], SamplingParams(max_new_tokens=16))[0]
+    prompt = p.prompt(*item)
+    ids = torch.tensor([prompt.ids])  # [1, T]
+    ref = load_pipeline(tiny_model_dir, fast=False).lm.model
+    out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=p.pixel_values([RED]),
+                       max_new_tokens=16, do_sample=False, suppress_tokens=[p.image_token_id])  # [1, T+n]
+    assert list(ours.token_ids) == out[0, ids.shape[1]:].tolist()
+    assert p.engine.compiled_step.compile_seconds > 0
+    graphs = counters["stats"]["unique_graphs"]
+    long_answer = SamplingParams(max_new_tokens=300, min_new_tokens=300)
+    compiled = p.complete([longer], long_answer)[0]  # another cache size, and it grows mid-answer
+    assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs  # capacity is a dynamic dimension
+    p.engine.compiled_step = None
+    assert p.complete([longer], long_answer)[0].token_ids == compiled.token_ids
+
+
+def test_qwen2_fused_biased_linears_and_decode_step_give_generate_tokens(tiny_parts, tmp_path):
+    """Qwen2 has q/k/v biases: the fused product carries them, and `DecodeStep` covers this family too."""
+    from conftest import make_model
+
+    from llavakit.infer.api import Pipeline
+    from llavakit.infer.optimize import linear_summary
+    from llavakit.model.io import load_model
+
+    model_dir = make_model(tiny_parts, tmp_path / "m", vision="siglip", lm="qwen2", projector="linear",
+                           template="chatml")
+    lms = [load_model(model_dir), load_model(model_dir)]
+    for lm in lms:  # random (not zero) q/k/v biases, the same in both copies
+        torch.manual_seed(0)
+        for name, param in lm.model.model.language_model.named_parameters():
+            if name.endswith("_proj.bias"):
+                param.data.normal_(0, 0.5)
+    p, ref = Pipeline(lms[0]), lms[1].model
+    assert p.engine.decode_step is not None and "fused" in linear_summary(p.lm.model)
+    item = ([RED], "<image>\nDescribe the image.")
+    ours = p.complete([item], SamplingParams(max_new_tokens=16))[0]
+    prompt = p.prompt(*item)
+    ids = torch.tensor([prompt.ids])  # [1, T]
+    out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=p.pixel_values([RED]),
+                       max_new_tokens=16, do_sample=False, suppress_tokens=[p.image_token_id])  # [1, T+n]
+    assert list(ours.token_ids) == out[0, ids.shape[1]:].tolist()
+
+
+def test_compiled_decode_step_keeps_kv_reuse_across_chat_turns(tiny_model_dir):
+    """Compiled single-row steps write into the slab buffers in place: turns that reuse a cropped cache
+    (stale positions past the crop) must give the eager step's answers."""
+    compiled, eager = load_pipeline(tiny_model_dir), load_pipeline(tiny_model_dir)
+    compiled.engine.compile_decode()
+    sessions = [compiled.session(), eager.session()]
+    for s in sessions:
+        s.add_image(RED)
+    for question in ["What is this?", "What colour is it?"]:
+        assert sessions[0].ask(question, GREEDY12) == sessions[1].ask(question, GREEDY12)
+    for s in sessions:
+        s.messages[0]["content"] = s.messages[0]["content"].replace("What is", "Describe")  # crop mid-cache
+    assert sessions[0].ask("And now?", GREEDY12) == sessions[1].ask("And now?", GREEDY12)
+    assert sessions[0].stats.reused_tokens > 0
+
+
+def test_unmerged_lora_layers_are_left_whole_by_packing(tiny_model_dir):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from llavakit.infer.api import Pipeline
+    from llavakit.infer.optimize import linear_summary
+    from llavakit.model.io import load_model
+
+    pipes = []
+    for fast in (True, False):
+        lm = load_model(tiny_model_dir)
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                            target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj)")
+        inject_adapter_in_model(config, lm.model)
+        pipes.append(Pipeline(lm, fast=fast))
+    kinds = linear_summary(pipes[0].lm.model)
+    assert kinds.get("fp32", 0) > 0 and "dense" in kinds  # LoRA base layers kept, the rest packed
+    item = [([RED], "<image>\nDescribe the image.")]
+    assert pipes[0].complete(item, GREEDY12)[0].token_ids == pipes[1].complete(item, GREEDY12)[0].token_ids
+
+
+def test_decode_step_logits_match_the_model_forward_with_padding(pipe):
+    from llavakit.infer.engine import DecodeBatch
+
+    prompts = [pipe.prompt([RED], "<image>\nWhat is this?"), pipe.prompt([], "How many objects are in the picture?")]
+    logits = {}
+    for name, use_step in (("step", True), ("forward", False)):
+        batch = DecodeBatch()
+        for i, prompt in enumerate(prompts):
+            pipe.engine._join(batch, i, pipe.row(prompt, GREEDY12), None, 0)
+        tokens = torch.tensor([[5], [7]])  # [2, 1]
+        mask = batch.step_mask()  # [2, L] with left padding on one row
+        assert mask is not None and not bool(mask.all())
+        if use_step:
+            logits[name] = pipe.engine.step(tokens, batch.next_pos[:, None], mask, batch.cache)  # [2, V]
+        else:
+            logits[name] = pipe.engine.forward(tokens, None, mask, batch.next_pos[:, None], batch.cache)
+    assert torch.allclose(logits["step"], logits["forward"], atol=1e-4, rtol=1e-4)
+
+
+def test_slab_cache_appends_in_place_and_follows_crop_select_and_replacement():
+    from transformers.cache_utils import DynamicLayer
+
+    from llavakit.infer.engine import SlabLayer
+
+    torch.manual_seed(0)
+    slab, ref = SlabLayer(), DynamicLayer()
+    chunks = [torch.randn(3, 2, t, 4) for t in (5, 1, 1)]  # [b, heads, t, d]
+    for c in chunks:
+        slab.update(c, -c)
+        ref.update(c, -c)
+    assert torch.equal(slab.keys, ref.keys) and torch.equal(slab.values, ref.values)
+    buffer = slab.keys.data_ptr()
+    slab.update(chunks[1], chunks[1])
+    ref.update(chunks[1], chunks[1])
+    assert slab.keys.data_ptr() == buffer  # appended in place: no copy of the cache
+    for layer in (slab, ref):
+        layer.crop(-2)
+        layer.batch_select_indices(torch.tensor([2, 0]))
+        layer.update(chunks[2][:2], chunks[2][:2])
+    assert torch.equal(slab.keys, ref.keys) and torch.equal(slab.values, ref.values)
+    slab.keys, slab.values = ref.keys[:, :, 1:], ref.values[:, :, 1:]  # replaced from outside (e.g. a merge)
+    slab.update(chunks[2][:2], chunks[2][:2])
+    assert torch.equal(slab.keys[:, :, -1:], chunks[2][:2]) and torch.equal(slab.keys[:, :, :-1], ref.keys[:, :, 1:])
+
+
+def test_prefill_groups_keep_similar_lengths_together():
+    from llavakit.infer.engine import prefill_groups
+
+    assert prefill_groups([609, 30, 610, 600, 31, 520]) == [[0, 2, 3], [1, 4], [5]]
+    assert prefill_groups([100] * 5, max_tokens=300) == [[0, 1, 2], [3, 4]]
+
+
+def test_rows_prefilled_together_get_their_greedy_tokens_alone(pipe):
+    from llavakit.infer.engine import prefill_groups
+
+    items = [([RED], "<image>\nWhat is this?"), ([BLUE], "<image>\nWhat is that thing?"),
+             ([BLUE, RED], "<image> <image> Which one?"), ([], "Say hi.")]
+    lengths = [len(pipe.prompt(*it).ids) for it in items]
+    assert len(set(lengths[:3])) == 3 and [0, 1, 2] in prefill_groups(lengths)  # right-padded in one forward
+    together = pipe.complete(items, GREEDY12)
+    for item, c in zip(items, together):
+        assert pipe.complete([item], GREEDY12)[0].token_ids == c.token_ids
 
 
 def test_stream_pieces_join_to_the_answer(pipe):

@@ -65,9 +65,9 @@ def load_pipeline(model: str | Path, *, int8: bool = False, fast: bool = True, m
                   threads: int | None = None, model_id: str | None = None, **options) -> "Pipeline":
     """Load a model dir (or registered short name) for inference.
 
-    int8: dynamic int8 quantization of the LM's linears. fast: oneDNN-prepacked fp32 linears
-    (ignored with int8). threads: torch intra-op threads (default: torch's choice).
-    options: passed to `Pipeline` (pack_min_elements).
+    int8: dynamic int8 quantization of the LM's linears. fast: fused (q/k/v, gate/up) fp32 linears
+    laid out for decode (`pack_linears`; ignored with int8). threads: torch intra-op threads
+    (default: torch's choice). options: passed to `Pipeline`.
     """
     import torch
 
@@ -88,9 +88,9 @@ class Pipeline:
     """
 
     def __init__(self, lm, *, int8: bool = False, fast: bool = True, max_batch_size: int = 8,
-                 model_id: str = "llavakit", pack_min_elements: int | None = None):
+                 model_id: str = "llavakit"):
         from llavakit.infer.engine import Engine
-        from llavakit.infer.optimize import PACK_MIN_ELEMENTS, pack_linears, quantize_int8
+        from llavakit.infer.optimize import pack_linears, quantize_int8
 
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -103,7 +103,7 @@ class Pipeline:
         if int8:
             quantize_int8(lm.model)
         elif fast:
-            pack_linears(lm.model, PACK_MIN_ELEMENTS if pack_min_elements is None else pack_min_elements)
+            pack_linears(lm.model)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
         self.engine = Engine(lm.model, int(pad), self.max_positions)
         self._eos_ids = _eos_ids(lm)

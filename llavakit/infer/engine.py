@@ -1,28 +1,41 @@
-"""The decode loop: each row is prefilled on its own, then all live rows decode together.
+"""The decode loop: rows are prefilled, then all live rows decode together.
 
-Prefill is compute-bound on a CPU, so a row gains nothing from sharing it, and alone it wastes no
-work on padding (and, under int8, no padding or neighbour skews its activation scales). Decode is
-memory-bound: one step reads every weight once whatever the batch, so rows decode as one batch
-over a shared, left-padded KV cache. New rows can join a running batch between steps (the server
-uses this: continuous batching) and finished rows leave it.
+Prefill is compute-bound on a CPU, so sharing it saves only per-call overhead: a row is prefilled
+alone, except that fresh rows of similar length (`prefill_groups`) go through one right-padded
+forward, which wastes at most 1/8 on padding (int8 scales are per token, so padding never skews
+them). Decode is memory-bound: one step reads every weight once whatever the batch, so rows decode
+as one batch over a shared, left-padded KV cache. New rows can join a running batch between steps
+(the server uses this: continuous batching) and finished rows leave it.
 
 Why not `model.generate`: the chat session keeps one `DynamicCache` across turns and feeds only
 the uncached suffix of the conversation, with `pixel_values` for just the images in that suffix;
 the server needs per-row sampling parameters and stop strings, rows joining and leaving, and
 streaming of every row. `generate` offers none of these together, and at small sizes its per-step
-Python overhead is a large share of decode time. This loop calls the model's own forward (the
-same `LlavaForConditionalGeneration.forward` training uses), so the math is unchanged: tests
-check its greedy tokens against `generate`.
+Python overhead is a large share of decode time. Prefill calls the model's own forward (the same
+`LlavaForConditionalGeneration.forward` training uses); decode steps go through `DecodeStep`
+(llavakit.infer.optimize), the same computation through the same modules minus transformers'
+per-call plumbing, where the LM family is supported (else the model's forward). Tests check the
+greedy tokens against `generate`.
+
+The KV cache is transformers' `DynamicCache` with `SlabLayer`s: keys/values are views of a buffer
+with spare room, so a decode step writes one position in place instead of copying the cache.
+(transformers' `StaticCache` also writes in place, but preallocates a fixed batch and maximum
+length and cannot be cropped, which chat turns and rows joining and leaving need.)
+
+Compiling is opt-in (`Engine.compile_decode`, or `LLAVAKIT_COMPILE_DECODE=1` for every engine):
+single-row steps then run as one inductor graph, which takes tens of seconds to build.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from llavakit.infer.optimize import CompiledDecodeStep, DecodeStep, compiled_step_supported, decode_step_unsupported
 from llavakit.infer.params import SamplingParams
 from llavakit.infer.text import TextStream
 
@@ -55,6 +68,10 @@ class Event:
     finish: str | None
 
 
+COMPILE_ENV = "LLAVAKIT_COMPILE_DECODE"
+"""Set to 1 to compile single-row decode steps in every new engine whose linears are packed (`compile_decode`)."""
+
+
 class Engine:
     """Runs rows on a `LlavaForConditionalGeneration`. One `run` at a time (not thread-safe)."""
 
@@ -64,18 +81,57 @@ class Engine:
         self.max_positions = max_positions
         self.suppress = [int(model.config.image_token_id)]
         """Never sampled: an `<image>` token in an answer has no image behind it."""
+        self.decode_step = DecodeStep(model) if decode_step_unsupported(model) is None else None
+        """The one-token forward used between prefills; None: the model's forward (set None to compare)."""
+        self.compiled_step: CompiledDecodeStep | None = None
+        """Set by `compile_decode`: single-row steps go through it."""
+        if os.environ.get(COMPILE_ENV) == "1" and compiled_step_supported(model):
+            self.compile_decode()
+
+    def compile_decode(self) -> None:
+        """Run single-row decode steps through one compiled graph (`CompiledDecodeStep`; needs packed linears).
+
+        The graph compiles at the first single-row step (tens of seconds; then cached by inductor on disk)."""
+        self.compiled_step = CompiledDecodeStep(self.model)
 
     def new_cache(self):
+        """A `DynamicCache` whose full-attention layers append in place (`SlabLayer`)."""
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.model.config.text_config)
+        cache = DynamicCache(config=self.model.config.text_config)
+        cache.layers = [SlabLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        return cache
 
     @torch.inference_mode()
-    def forward(self, ids, pixel_values, mask, positions, cache) -> torch.Tensor:
-        """Logits of the last position of every row. ids, positions: [B, T]; mask: [B, past+T] or None."""
+    def forward(self, ids, pixel_values, mask, positions, cache, keep: int | torch.Tensor = 1) -> torch.Tensor:
+        """Logits of the last position of every row (or of position `keep[b, 0]` of row b) [B, V].
+
+        ids, positions: [B, T]; mask: [B, past+T] or None; keep: 1, or [B, 1] positions."""
         out = self.model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
         return out.logits[:, -1].float()  # [B, V]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """Logits [b, V] after feeding one token per row. tokens, positions: [b, 1]; mask: [b, past+1] or None."""
+        if (self.compiled_step is not None and tokens.shape[0] == 1 and mask is None
+                and all(isinstance(layer, SlabLayer) for layer in cache.layers)):
+            return self._compiled(tokens, positions, cache)
+        if self.decode_step is None:
+            return self.forward(tokens, None, mask, positions, cache)
+        return self.decode_step(tokens, positions, cache, mask)
+
+    def _compiled(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """One row's step through the compiled graph, writing into the slab buffers in place."""
+        layers = cache.layers
+        slot = layers[0].get_seq_length()
+        for layer in layers:
+            layer.make_room(slot + 1)
+        logits = self.compiled_step(tokens, positions, [layer.buffers[0] for layer in layers],
+                                    [layer.buffers[1] for layer in layers], slot)  # [1, V]
+        for layer in layers:
+            layer.extend_to(slot + 1)
+        return logits
 
     def run(self, rows: list[Row], cache=None, past_len: int = 0,
             admit: Callable[[], list[Row]] | None = None) -> Iterator[list[Event]]:
@@ -88,10 +144,11 @@ class Engine:
         if cache is not None and len(rows) != 1:
             raise ValueError("continuing a cache needs exactly one row")
         rows, batch = list(rows), DecodeBatch()
-        generators = []
-        for i, row in enumerate(rows):
-            self._join(batch, i, row, cache, past_len)
-            generators.append(_generator(row.params))
+        generators = [_generator(row.params) for row in rows]
+        if cache is not None:
+            self._join(batch, 0, rows[0], cache, past_len)
+        else:
+            self._join_new(batch, rows, 0)
         while batch.live:
             live = batch.live
             blocked = [early_stop_ids(rows[i], batch.logits.shape[1]) for i in live]
@@ -101,13 +158,22 @@ class Engine:
             yield events
             tokens = batch.keep(keep, tokens)  # [b'] tokens of the rows that go on
             if batch.live:
-                batch.logits = self.forward(tokens[:, None], None, batch.step_mask(), batch.next_pos[:, None],
-                                            batch.cache)  # [b', V]
+                batch.logits = self.step(tokens[:, None], batch.next_pos[:, None], batch.step_mask(),
+                                         batch.cache)  # [b', V]
                 batch.next_pos = batch.next_pos + 1
-            for row in admit() if admit is not None else ():
-                rows.append(row)
-                generators.append(_generator(row.params))
-                self._join(batch, len(rows) - 1, row, None, 0)
+            new = list(admit()) if admit is not None else []
+            if new:
+                rows.extend(new)
+                generators.extend(_generator(row.params) for row in new)
+                self._join_new(batch, new, len(rows) - len(new))
+
+    def _join_new(self, batch: "DecodeBatch", rows: list[Row], first: int) -> None:
+        """Prefill fresh rows (`rows[j]` is row `first + j`), those of similar length together, and add them."""
+        for group in prefill_groups([len(row.ids) for row in rows]):
+            if len(group) == 1:
+                self._join(batch, first + group[0], rows[group[0]], None, 0)
+            else:
+                self._join_group(batch, [first + j for j in group], [rows[j] for j in group])
 
     def _join(self, batch: "DecodeBatch", index: int, row: Row, cache, past_len: int) -> None:
         """Prefill `row` alone (continuing `cache` if given) and add it to the batch."""
@@ -117,7 +183,28 @@ class Engine:
         ids = torch.tensor([row.ids], dtype=torch.long)  # [1, T]
         positions = torch.arange(past_len, past_len + len(row.ids))[None]  # [1, T]
         logits = self.forward(ids, row.pixel_values, None, positions, cache)  # [1, V]
-        batch.add(index, cache, past_len + len(row.ids), logits)
+        length = past_len + len(row.ids)
+        batch.add([index], cache, torch.ones(1, length, dtype=torch.long), logits, torch.tensor([length]))
+
+    def _join_group(self, batch: "DecodeBatch", indices: list[int], rows: list[Row]) -> None:
+        """Prefill fresh rows as one batch and add them.
+
+        Rows are right-padded: under causal attention a real token never sees the padding after
+        it, so no mask is needed and each row gets the same positions and attention as alone (the
+        matrix products may sum in another order). Each row's logits are taken at its last real
+        token, and the cache is then realigned to the right, as decoding wants.
+        """
+        if any(not row.ids for row in rows):
+            raise ValueError("a row needs at least one token to feed")
+        lengths = torch.tensor([len(row.ids) for row in rows])  # [k]
+        ids = right_pad([row.ids for row in rows], self.pad_token_id)  # [k, T]
+        positions = torch.arange(ids.shape[1]).expand(len(rows), -1)  # [k, T]
+        pixels = [row.pixel_values for row in rows if row.pixel_values is not None]
+        cache = self.new_cache()
+        logits = self.forward(ids, torch.cat(pixels) if pixels else None, None, positions, cache,
+                              keep=lengths[:, None] - 1)  # [k, V]
+        mask = align_right(cache, lengths)  # [k, T]
+        batch.add(indices, cache, mask, logits, lengths)
 
     def _advance(self, rows, live, tokens, next_pos) -> tuple[list[Event], list[int]]:
         """Push each live row's new token; return the events and which batch slots go on."""
@@ -155,16 +242,15 @@ class DecodeBatch:
         self.next_pos = torch.zeros(0, dtype=torch.long)  # [b] position of each row's next token
         self.logits: torch.Tensor | None = None  # [b, V] for each row's next token
 
-    def add(self, index: int, cache, length: int, logits: torch.Tensor) -> None:
-        """Append a prefilled row (its own cache of `length` tokens, logits [1, V])."""
-        row_mask = torch.ones(1, length, dtype=torch.long)  # [1, length]
+    def add(self, indices: list[int], cache, mask: torch.Tensor, logits: torch.Tensor, next_pos: torch.Tensor) -> None:
+        """Append k prefilled rows: their cache (left-padded per `mask` [k, L]), logits [k, V], next positions [k]."""
         if not self.live:
-            self.cache, self.mask, self.logits, self.next_pos = cache, row_mask, logits, torch.tensor([length])
+            self.cache, self.mask, self.logits, self.next_pos = cache, mask, logits, next_pos
         else:
-            self.cache, self.mask = merge_left_padded(self.cache, self.mask, cache, row_mask)
-            self.logits = torch.cat([self.logits, logits])  # [b+1, V]
-            self.next_pos = torch.cat([self.next_pos, torch.tensor([length])])  # [b+1]
-        self.live.append(index)
+            self.cache, self.mask = merge_left_padded(self.cache, self.mask, cache, mask)
+            self.logits = torch.cat([self.logits, logits])  # [b+k, V]
+            self.next_pos = torch.cat([self.next_pos, next_pos])  # [b+k]
+        self.live.extend(indices)
 
     def keep(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """Drop every row not in `slots` (batch positions); return the kept rows' tokens."""
@@ -185,6 +271,78 @@ class DecodeBatch:
         return None if bool(self.mask.all()) else self.mask
 
 
+class SlabLayer(DynamicLayer):
+    """A full-attention cache layer whose keys/values are views of a larger buffer; appends write in place.
+
+    `DynamicLayer` concatenates on every update, so each decode step copies the whole cache into
+    fresh memory (60 tensors of ~0.5 MB per step for a 600-token prompt on SmolLM2-135M). Here the
+    buffer has room for `length // 2` (at least 256) more positions, and grows by copying when full.
+    Whoever replaces `keys`/`values` (crop, row selection, merging rows) is noticed: the next
+    update moves them into a new buffer.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._kbuf = self._vbuf = None  # [b, heads, capacity, d]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key_states, value_states: [b, heads, t, d] -> keys, values [b, heads, length + t, d]."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        self.make_room(end, key_states)  # a new buffer if keys/values were replaced (e.g. another batch)
+        self._kbuf.narrow(2, start, end - start).copy_(key_states)
+        self._vbuf.narrow(2, start, end - start).copy_(value_states)
+        self._set_views(end)
+        return self.keys, self.values
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers [b, heads, capacity, d]; positions past the cached length are zeros."""
+        return self._kbuf, self._vbuf
+
+    def make_room(self, end: int, like: torch.Tensor | None = None) -> None:
+        """Make the buffers hold the cached positions and have room up to `end` (`like`: [b, heads, t, d])."""
+        if not self._owns_views() or end > self._kbuf.shape[2]:
+            self._reserve(self.get_seq_length(), end, self.keys if like is None else like)
+
+    def extend_to(self, length: int) -> None:
+        """The buffers were written up to `length` from outside (a compiled step): view that much."""
+        self._set_views(length)
+
+    def _owns_views(self) -> bool:
+        return self._kbuf is not None and self.keys is self._kview and self.values is self._vview
+
+    def _reserve(self, start: int, end: int, like: torch.Tensor) -> None:
+        """A new buffer with room for `end` positions and more; the first `start` copied from the current views."""
+        b, heads, _, d = like.shape
+        capacity = end + max(256, end // 2)
+        kbuf, vbuf = like.new_zeros(b, heads, capacity, d), like.new_zeros(b, heads, capacity, d)  # [b, heads, cap, d]
+        if start:
+            kbuf.narrow(2, 0, start).copy_(self.keys)
+            vbuf.narrow(2, 0, start).copy_(self.values)
+        self._kbuf, self._vbuf = kbuf, vbuf
+
+    def _set_views(self, length: int) -> None:
+        self.keys = self._kbuf.narrow(2, 0, length)  # [b, heads, length, d]
+        self.values = self._vbuf.narrow(2, 0, length)
+        self._kview, self._vview = self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        owned = self.is_initialized and self._owns_views()
+        super().crop(tokens_to_remove)
+        if owned:  # still a prefix of the buffer: keep appending in place
+            self._set_views(self.keys.shape[2])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0 and self._owns_views():
+            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]  # [b', heads, cap, d]
+            self._set_views(self.keys.shape[2])
+        else:
+            super().batch_select_indices(indices)
+
+
 def _left_pad_kv(t: torch.Tensor, n: int) -> torch.Tensor:  # t: [b, heads, L, d] -> [b, heads, n+L, d]
     return t if n == 0 else torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3]), t], dim=2)
 
@@ -194,7 +352,7 @@ def merge_left_padded(a, a_mask: torch.Tensor, b, b_mask: torch.Tensor):
     la, lb = a_mask.shape[1], b_mask.shape[1]
     length = max(la, lb)
     for cache in (a, b):
-        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        if any(not isinstance(layer, DynamicLayer) or layer.is_sliding for layer in cache.layers):
             raise NotImplementedError("batching needs full-attention KV caches (this LM has sliding-window layers)")
     for la_, lb_ in zip(a.layers, b.layers):
         la_.keys = torch.cat([_left_pad_kv(la_.keys, length - la), _left_pad_kv(lb_.keys, length - lb)])
@@ -212,11 +370,53 @@ def _crop_left(cache, length: int) -> None:
             layer.values = layer.values[:, :, -length:]
 
 
+def align_right(cache, lengths: torch.Tensor) -> torch.Tensor:
+    """Move each row's first `lengths[j]` cached positions to the right end (zeros before); return the mask [k, T]."""
+    width = int(lengths.max())
+    for layer in cache.layers:
+        layer.keys, layer.values = _shift_right(layer.keys, lengths, width), _shift_right(layer.values, lengths, width)
+    return (torch.arange(width)[None] >= width - lengths[:, None]).long()  # [k, T] 1 = real token
+
+
+def _shift_right(t: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:  # t: [k, heads, T, d]
+    out = t.new_zeros(t.shape)  # [k, heads, T, d]
+    for j, n in enumerate(lengths.tolist()):
+        out[j, :, width - n:] = t[j, :, :n]
+    return out
+
+
+PREFILL_GROUP_TOKENS = 8192
+"""At most this many (padded) tokens are prefilled in one forward."""
+
+
+def prefill_groups(lengths: list[int], max_tokens: int = PREFILL_GROUP_TOKENS) -> list[list[int]]:
+    """Indices of rows to prefill together: lengths within 1/8 of the group's longest, at most `max_tokens` padded.
+
+    Longest first; each group and the list of groups in index order."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        group = groups[-1] if groups else []
+        width = lengths[group[0]] if group else 0
+        if group and lengths[i] * 8 >= width * 7 and width * (len(group) + 1) <= max_tokens:
+            group.append(i)
+        else:
+            groups.append([i])
+    return sorted(sorted(g) for g in groups)
+
+
 def early_stop_ids(row: Row, vocab_size: int) -> list[int]:
     """Stop tokens this row may not sample yet (it is short of `min_new_tokens`)."""
     if len(row.generated) >= row.params.min_new_tokens:
         return []
     return [t for t in row.stream.rule.token_ids if t < vocab_size]
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """ids [B, T], each row followed by `pad_id`s."""
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)  # [B, T]
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids
 
 
 def left_pad(seqs: list[list[int]], pad_id: int):

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for more requests before a batch (default 5)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="batch requests arriving within this long of the previous one (default 5)")
     p.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit in MB (default 20)")
     p.add_argument("--max-image-mb", type=float, default=10.0, help="per-image byte limit in MB (default 10)")

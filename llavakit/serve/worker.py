@@ -2,8 +2,10 @@
 
 Requests are validated and turned into engine rows in the request handlers, then put on a
 bounded thread-safe queue (full: the handler answers 503 at once). The model thread takes a
-request, waits `batch_wait_ms` for others, and decodes them as one batch; requests arriving while
-a batch runs join it between decode steps (continuous batching, up to `max_batch_size` rows).
+request and gathers the burst it belongs to: more requests, as long as each comes within
+`batch_wait_ms` of the previous one (at most 8 windows in all), and decodes them as one batch; the
+engine prefills requests of similar length together. Requests arriving while a batch runs join it
+between decode steps (continuous batching, up to `max_batch_size` rows).
 Every step's text goes back to each request's own asyncio queue with `call_soon_threadsafe`, so
 streaming responses flush while the model keeps decoding. A request whose client went away is
 cancelled and leaves the batch at the next step.
@@ -19,6 +21,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from llavakit.infer.engine import Row
+
+
+GATHER_WINDOWS = 8
+"""A burst is gathered for at most this many batch windows after its first request."""
 
 
 class QueueFullError(Exception):
@@ -114,11 +120,12 @@ class BatchWorker:
                 self._run(batch)
 
     def _gather(self, room: int) -> list[Job]:
-        """Up to `room` more jobs arriving within the batch window."""
-        jobs, deadline = [], time.monotonic() + self.batch_wait
+        """Up to `room` more jobs of the same burst: each within the batch window of the one before."""
+        jobs, limit = [], time.monotonic() + GATHER_WINDOWS * self.batch_wait
         while len(jobs) < room:
+            wait = min(self.batch_wait, limit - time.monotonic())
             try:
-                jobs.append(self._jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+                jobs.append(self._jobs.get(timeout=max(0.0, wait)))
             except queue.Empty:
                 break
         return jobs
