@@ -110,10 +110,12 @@ def evaluate(run: Run) -> EvalResult | None:
             loss = model(**inputs, num_items=one).double()  # summed token loss
             n = float(batch.n_targets)
             swapped = _swap_images(inputs) if run.cfg.eval.image_gain else None
-            # every process runs the same forwards (ZeRO-3/FSDP): swap only where this batch allows it
-            other = model(**swapped, num_items=one).double() if swapped is not None else loss.new_zeros(())
             seen = swapped is not None
-            sums += torch.stack([loss, loss.new_tensor(n), loss if seen else loss.new_zeros(()), other,
+            other = loss.new_zeros(())
+            if run.cfg.eval.image_gain:  # every process runs the second forward too (ZeRO-3/FSDP gather in it)
+                other = model(**(swapped if seen else inputs), num_items=one).double()
+            zero = loss.new_zeros(())
+            sums += torch.stack([loss, loss.new_tensor(n), loss if seen else zero, other if seen else zero,
                                  loss.new_tensor(n if seen else 0.0)])
     model.train()
     sums = run.accelerator.reduce(sums, "sum") if run.world > 1 else sums
