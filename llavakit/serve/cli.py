@@ -31,7 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens when a request sets none")
     p.add_argument("--local-images-dir", default=None, help="allow file paths in image_url, from under this dir only")
     p.add_argument("--allow-remote-images", action="store_true", help="allow http(s) image URLs (off by default)")
-    p.add_argument("--remote-timeout", type=float, default=10.0, help="seconds per remote image fetch (default 10)")
+    p.add_argument("--remote-timeout", type=float, default=10.0,
+                   help="seconds per operation of a remote image fetch: connect, each read (default 10)")
+    p.add_argument("--remote-total-timeout", type=float, default=30.0,
+                   help="seconds for a whole remote image fetch, body included (default 30)")
     p.set_defaults(func=run)
 
 
@@ -48,7 +51,8 @@ def config_from_args(args):
     if local is not None and not local.is_dir():
         raise FileNotFoundError(f"--local-images-dir {local} is not a directory")
     sources = ImageSources(max_bytes=int(args.max_image_mb * 2**20), local_dir=local,
-                           allow_remote=args.allow_remote_images, remote_timeout_s=args.remote_timeout)
+                           allow_remote=args.allow_remote_images, remote_timeout_s=args.remote_timeout,
+                           remote_total_timeout_s=args.remote_total_timeout)
     return ServeConfig(api_key=args.api_key or None, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                        batch_wait_ms=args.batch_wait_ms, max_images=args.max_images,
                        max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,

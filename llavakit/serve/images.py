@@ -25,6 +25,14 @@ class ImageSources:
     """Serve `file://` URLs and plain paths from under this dir only; None disables them."""
     allow_remote: bool = False
     remote_timeout_s: float = 10.0
+    """httpx's limit for each operation of a remote fetch (connect, each read, ...): catches a server gone silent."""
+    remote_total_timeout_s: float = 30.0
+    """Limit on a whole remote fetch (connect, redirects, headers and body): catches a server that trickles bytes."""
+
+    def __post_init__(self):
+        for name in ("remote_timeout_s", "remote_total_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ImageSources.{name} must be > 0, not {getattr(self, name)!r}")
 
 
 def parse_data_url(url: str, where: str, max_bytes: int) -> bytes:
@@ -59,23 +67,48 @@ def read_local(url: str, where: str, sources: ImageSources) -> tuple[bytes, str]
 
 
 async def fetch_remote(url: str, where: str, sources: ImageSources) -> bytes:
-    """GET an http(s) URL with a total time limit and a byte cap (streamed, so a huge body is cut off)."""
-    import httpx
+    """GET an http(s) URL with a total time limit and a byte cap (streamed, so a huge or endless body is cut off).
+
+    The total limit (`remote_total_timeout_s`) bounds the whole fetch: the remaining time is checked between body
+    chunks, each httpx operation gets at most `min(remote_timeout_s, total)`, and the whole fetch runs under an
+    asyncio timeout as a backstop (a server dripping header bytes never reaches the body loop).
+    """
+    import asyncio
+    import time
 
     if not sources.allow_remote:
         raise ImageURLError(f"{where}: remote image URLs are disabled (start the server with --allow-remote-images)")
-    timeout = httpx.Timeout(sources.remote_timeout_s)
+    limit = sources.remote_total_timeout_s
+    deadline = time.monotonic() + limit
+    try:
+        return await asyncio.wait_for(_fetch(url, where, sources, deadline), timeout=limit)
+    except asyncio.TimeoutError:
+        raise _too_slow(url, where, limit) from None
+
+
+def _too_slow(url: str, where: str, limit: float) -> ImageURLError:
+    return ImageURLError(f"{where}: fetching {url} took longer than the total time limit of {limit:g} s "
+                         "(--remote-total-timeout)")
+
+
+async def _fetch(url: str, where: str, sources: ImageSources, deadline: float) -> bytes:
+    import httpx
+
+    timeout = httpx.Timeout(min(sources.remote_timeout_s, sources.remote_total_timeout_s))
     try:
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=True, max_redirects=3) as client:
             async with client.stream("GET", url) as resp:
                 if resp.status_code != 200:
                     raise ImageURLError(f"{where}: fetching {url} returned HTTP {resp.status_code}")
-                return await _read_capped(resp, url, where, sources.max_bytes)
+                return await _read_capped(resp, url, where, sources, deadline)
     except httpx.HTTPError as exc:
         raise ImageURLError(f"{where}: could not fetch {url}: {type(exc).__name__}: {exc}") from None
 
 
-async def _read_capped(resp, url: str, where: str, max_bytes: int) -> bytes:
+async def _read_capped(resp, url: str, where: str, sources: ImageSources, deadline: float) -> bytes:
+    import time
+
+    max_bytes = sources.max_bytes
     declared = resp.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise ImageURLError(f"{where}: {url} is {declared} bytes, over the limit of {max_bytes}")
@@ -84,6 +117,8 @@ async def _read_capped(resp, url: str, where: str, max_bytes: int) -> bytes:
         total += len(chunk)
         if total > max_bytes:
             raise ImageURLError(f"{where}: {url} is larger than the limit of {max_bytes} bytes")
+        if time.monotonic() > deadline:
+            raise _too_slow(url, where, sources.remote_total_timeout_s)
         chunks.append(chunk)
     return b"".join(chunks)
 
