@@ -15,6 +15,9 @@ from llavakit.data.templates import IMAGE_TOKEN
 from llavakit.model.io import load_model
 
 QUESTION = "What is in the picture?"
+# a chat template that renders llavakit's string-content messages
+STRING_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {{ m['content'] }} {% endfor %}"
+                   "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 MAX_NEW = 12
 
 
@@ -59,6 +62,54 @@ def greedy(lm, ids: list[int], image) -> list[int]:
                 break
             seq.append(token)
     return new
+
+
+# llava-1.5-hf's chat template (Hub, chat_template.json): content-part lists only, `{% generation %}` tags
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def tiny_llava_hf(out, chat_template=LLAVA_HF_TEMPLATE):
+    """A llava-hf-style dir as transformers writes one: `LlavaForConditionalGeneration.save_pretrained`
+    (untied LM head, Hub weight names) + `LlavaProcessor` with `chat_template`; no llavakit record."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from llavakit.model.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=chat_template).save_pretrained(out)
+    return out
+
+
+def image_logits(model, lm, image=None):
+    """Logits of `model` on llavakit's prompt for QUESTION + one image, fed through `lm`'s processor."""
+    ids = torch.tensor([llavakit_prompt(lm)])
+    pixels = lm.image_processor(image or sample_image(), return_tensors="pt")["pixel_values"]  # [1, 3, H, W]
+    with torch.no_grad():
+        return model.eval()(input_ids=ids, pixel_values=pixels).logits  # [1, T, V]
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
 
 
 def strip_record(src, dst):
@@ -158,3 +209,52 @@ def test_export_hf_refuses_linear(tiny_parts, tmp_path):
     src = make_model(tiny_parts, tmp_path / "lin", projector="linear")
     with pytest.raises(ValueError, match="projector 'linear' has no llava-hf equivalent"):
         export_hf(src, tmp_path / "out")
+
+
+def test_export_hf_logits_round_trip(tiny_model_dir, tmp_path):
+    """The exported dir (llava-hf Hub names) loads back, through load_model and transformers, to the same logits."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llavakit.interop.hf import export_hf
+
+    ref = load_model(tiny_model_dir)
+    assert not ref.model.config.text_config.tie_word_embeddings  # an LM head of its own, stored under its Hub name
+    out = export_hf(tiny_model_dir, tmp_path / "export")
+    want = image_logits(ref.model, ref)
+    again = load_model(out)
+    assert llavakit_prompt(again) == llavakit_prompt(ref)
+    diff = max_diff(image_logits(again.model, again), want)
+    assert diff <= 1e-4, f"load_model of the export: max |dlogit| {diff:.3g}"
+    hf, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    diff = max_diff(image_logits(hf, ref), want)
+    assert diff <= 1e-4, f"LlavaForConditionalGeneration of the export: max |dlogit| {diff:.3g}"
+    assert want.abs().max().item() > 0.1  # not trivially zero
+
+
+def test_llava_hf_dir_with_hub_names_loads_its_lm_head(tmp_path):
+    """A dir as transformers writes it (`language_model.lm_head.weight`, ...): same logits as transformers,
+    also after `convert --from llava-hf`, which writes llavakit's own names."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llavakit.interop.hf import import_hf
+
+    plain = tiny_llava_hf(tmp_path / "hf", chat_template=STRING_TEMPLATE)
+    lm = load_model(plain)
+    assert lm.template.name == "tokenizer" and lm.meta.image_aspect_ratio == "resize"
+    want = image_logits(LlavaForConditionalGeneration.from_pretrained(plain), lm)
+    diff = max_diff(image_logits(lm.model, lm), want)
+    assert diff <= 1e-4, f"load_model: max |dlogit| {diff:.3g}"
+    imported = load_model(import_hf(plain, tmp_path / "imported"))
+    diff = max_diff(image_logits(imported.model, imported), want)
+    assert diff <= 1e-4, f"load_model after convert --from llava-hf: max |dlogit| {diff:.3g}"
+
+
+def test_llava_hf_dir_with_its_own_template_refused_by_load_model(tmp_path):
+    """llava-hf's own template (part lists, `{% generation %}`): load_model refuses and names --template."""
+    from llavakit.interop.hf import load_any
+
+    plain = tiny_llava_hf(tmp_path / "hf")
+    with pytest.raises(ValueError, match="cannot be used by llavakit.*pass --template"):
+        load_model(plain)
+    assert load_any(plain, template="vicuna_v1").template.name == "vicuna_v1"

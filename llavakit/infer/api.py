@@ -62,21 +62,25 @@ Conversation = str | list[dict]
 
 
 def load_pipeline(model: str | Path, *, int8: bool = False, fast: bool = True, max_batch_size: int = 8,
-                  threads: int | None = None, model_id: str | None = None, **options) -> "Pipeline":
+                  threads: int | None = None, model_id: str | None = None, template: str | None = None,
+                  **options) -> "Pipeline":
     """Load a model dir (or registered short name) for inference.
 
     int8: dynamic int8 quantization of the LM's linears. fast: fused (q/k/v, gate/up) fp32 linears
     laid out for decode (`pack_linears`; ignored with int8). threads: torch intra-op threads
-    (default: torch's choice). options: passed to `Pipeline`.
+    (default: torch's choice). template: prompt with this registered chat template instead of the
+    model's own (`hfdirs.load_with_template`; the dir is not changed). options: passed to `Pipeline`.
     """
     import torch
 
-    from llavakit.model.io import load_model
+    from llavakit.model.hfdirs import load_with_template, named_template
 
+    if template is not None:
+        named_template(template)  # an unknown name fails before the (default) model is resolved or built
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(model)
-    lm = load_model(path)
+    lm = load_with_template(path, template)
     return Pipeline(lm, int8=int8, fast=fast, max_batch_size=max_batch_size, model_id=model_id or path.name, **options)
 
 

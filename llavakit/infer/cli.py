@@ -40,6 +40,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model dir or short name (default: the shipped default model)")
     p.add_argument("--int8", action="store_true", help="dynamic int8 quantization of the LM's linear layers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    template_arg(p)
+
+
+def template_arg(p: argparse.ArgumentParser) -> None:
+    """`--template NAME` (chat, predict, serve)."""
+    p.add_argument("--template", default=None, metavar="NAME",
+                   help="prompt with this registered chat template instead of the model's own (e.g. vicuna_v1 for a "
+                        "llava-hf dir whose template expects content-part lists); the dir is not changed")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -55,10 +63,18 @@ def _params(args):
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
 
 
+def check_template(name: str | None) -> None:
+    """An unknown --template name fails before any model is loaded (or the default one built)."""
+    if name is not None:
+        from llavakit.model.hfdirs import named_template
+
+        named_template(name)
+
+
 def _pipeline(args, **kw):
     from llavakit.infer.api import load_pipeline
 
-    return load_pipeline(args.model, int8=args.int8, threads=args.threads, **kw)
+    return load_pipeline(args.model, template=args.template, int8=args.int8, threads=args.threads, **kw)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -66,7 +82,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
     from llavakit.infer.api import Pipeline
 
-    params = _params(args)  # bad sampling options and images fail before the model loads
+    params = _params(args)  # bad sampling options, template names and images fail before the model loads
+    check_template(args.template)
     images = Pipeline.load_images(args.image)
     pipe = _pipeline(args)
     if args.question is not None:
@@ -78,6 +95,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from llavakit.infer.predict import predict
 
     params = _params(args)
+    check_template(args.template)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     pipe = _pipeline(args, max_batch_size=args.batch_size)

@@ -5,12 +5,23 @@ Their projector is transformers' (`mlp2x_gelu`), their aspect mode follows the i
 Jinja set on the tokenizer (or a named template if asked). The template must render llavakit's
 string-content messages; templates that only work with content-part lists are refused with a pointer
 to `--template`.
+
+Weights are read under either naming: llavakit's own (`model.language_model.*`, `lm_head.*`) or the
+llava-hf Hub's (`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.vision_model.*`,
+`multi_modal_projector.*`, which `export --format hf` writes); see `load_weights`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+# transformers 5 maps the Hub's `language_model.lm_head.*` to `lm_head.*` only for its own classes: it
+# skips a model type's conversion mapping for subclasses defined outside transformers (`is_custom_code`),
+# and LlavakitForConditionalGeneration is one. The other Hub names are still mapped (by the native
+# LlavaModel / CLIP sub-modules' own mappings), so without this the LM head alone stays randomly
+# initialised (reported as a missing key, which TRANSFORMERS_VERBOSITY=error hides).
+HUB_KEY_MAPPING = {r"^language_model\.lm_head\.": "lm_head."}
 
 _PROBE = [{"role": "user", "content": "<image>\nWhat colour is the ball?"}, {"role": "assistant", "content": "Red."}]
 
@@ -23,6 +34,69 @@ def model_dir(path: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (config.json missing)")
     return path
+
+
+def load_weights(path: str | Path, dtype=None):
+    """`LlavakitForConditionalGeneration.from_pretrained(path)` for llavakit's and llava-hf's weight names.
+
+    The next `save_pretrained` writes llavakit's own names (as for a freshly built model), not a
+    mixture of the two: transformers 5 otherwise reverts the load-time renames on save.
+    """
+    import torch
+
+    from llavakit.model.modeling import LlavakitForConditionalGeneration
+
+    model = LlavakitForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32,
+                                                             key_mapping=HUB_KEY_MAPPING)
+    if hasattr(model, "_weight_conversions"):
+        model._weight_conversions = None
+    return model.eval()
+
+
+def named_template(name: str):
+    """The registered template `name`; ValueError listing the known names otherwise."""
+    from llavakit.data.templates import get_template, template_names
+
+    if name not in template_names():
+        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(template_names())}")
+    return get_template(name)
+
+
+def use_template(lm, name: str):
+    """`lm` (a loaded llavakit dir) prompted with the registered template `name` instead of its recorded one.
+
+    For inference only (`chat`/`predict`/`serve --template`): the dir on disk is not changed. The
+    template's special tokens must be in the vocabulary and it must render llavakit's messages.
+    """
+    import dataclasses
+
+    template = named_template(name)
+    missing = [t for t in template.special_tokens if t not in lm.tokenizer.get_vocab()]
+    if missing:
+        raise ValueError(f"template {template.name!r} needs tokens {missing} that {lm.path}'s tokenizer lacks")
+    if template.use_tokenizer_template and not lm.tokenizer.chat_template:
+        raise ValueError(f"{lm.path}: its tokenizer has no chat template for --template tokenizer")
+    check_renders(template, lm.tokenizer, lm.path)
+    meta = dataclasses.replace(lm.meta, template=template.to_dict())
+    lm.model.config.llavakit = meta.to_dict()
+    return dataclasses.replace(lm, template=template, meta=meta)
+
+
+def load_with_template(path: str | Path, template: str | None = None, *, dtype: str = "float32"):
+    """`load_model(path)`, prompted with the registered template `template` if given.
+
+    A llava-hf dir (no record) is loaded with that template instead of its own (which then need not
+    be usable); a llavakit dir keeps its record on disk and is prompted with `template` (`use_template`).
+    """
+    from llavakit.model.io import load_model
+
+    if template is None:
+        return load_model(path, dtype=dtype)
+    named_template(template)  # an unknown name fails before anything loads
+    path = model_dir(path)
+    if not has_record(path):
+        return load_hf_dir(path, template, dtype=dtype)
+    return use_template(load_model(path, dtype=dtype), template)
 
 
 def has_record(path: Path) -> bool:
@@ -61,7 +135,7 @@ def infer_meta(path: Path, tokenizer, image_processor, template_name: str | None
     from llavakit.data.templates import get_template
     from llavakit.model.modeling import LlavakitMeta
 
-    template = get_template(template_name or "tokenizer")
+    template = named_template(template_name) if template_name else get_template("tokenizer")
     if template.use_tokenizer_template:
         tokenizer.chat_template = dir_chat_template(path, tokenizer)
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
@@ -73,19 +147,18 @@ def infer_meta(path: Path, tokenizer, image_processor, template_name: str | None
     return LlavakitMeta("mlp2x_gelu", template.to_dict(), aspect, stage="imported", history=history)
 
 
-def load_hf_dir(path: str | Path, template: str | None = None):
+def load_hf_dir(path: str | Path, template: str | None = None, *, dtype: str = "float32"):
     """A llava-hf dir (no llavakit record) as a LoadedModel, its meta inferred (see module doc)."""
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from llavakit.data.templates import ChatTemplate
     from llavakit.model.io import LoadedModel
-    from llavakit.model.modeling import LlavakitForConditionalGeneration
 
     path = model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     meta = infer_meta(path, tokenizer, image_processor, template)
-    model = LlavakitForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_weights(path, getattr(torch, dtype))
     model.config.llavakit = meta.to_dict()
     return LoadedModel(model, tokenizer, image_processor, ChatTemplate.from_dict(meta.template), meta, path)

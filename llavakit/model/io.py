@@ -96,15 +96,15 @@ def load_model(path: str | Path, *, dtype: str = "float32") -> LoadedModel:
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from llavakit.model.modeling import LlavakitForConditionalGeneration
-
-    from llavakit.model.hfdirs import has_record, load_hf_dir, model_dir
+    from llavakit.model.hfdirs import has_record, load_hf_dir, load_weights, model_dir
 
     path = model_dir(path)
     hf_logging.disable_progress_bar()
     if not has_record(path):
-        return load_hf_dir(path)
-    model = LlavakitForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+        return load_hf_dir(path, dtype=dtype)
+    # load_weights, not from_pretrained: `export --format hf` writes the Hub's `language_model.lm_head.*`,
+    # which transformers 5 maps for its own classes only (the LM head would stay random)
+    model = load_weights(path, getattr(torch, dtype))
     meta = LlavakitMeta.from_config(model.config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $LLAVAKIT_API_KEY; none = open)")
     p.add_argument("--int8", action="store_true", help="dynamic int8 quantization of the LM's linear layers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    from llavakit.infer.cli import template_arg
+
+    template_arg(p)  # --template NAME
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -65,13 +68,15 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from llavakit.infer.api import load_pipeline
+    from llavakit.infer.cli import check_template
     from llavakit.serve.app import create_app
 
     config = config_from_args(args)
+    check_template(args.template)  # an unknown name fails before the model loads
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it", file=sys.stderr)
-    pipe = load_pipeline(args.model, int8=args.int8, threads=args.threads, max_batch_size=args.max_batch_size,
-                         model_id=args.model_id)
+    pipe = load_pipeline(args.model, template=args.template, int8=args.int8, threads=args.threads,
+                         max_batch_size=args.max_batch_size, model_id=args.model_id)
     print(f"serving {pipe.model_id} on http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
     uvicorn.run(create_app(pipe, config), host=args.host, port=args.port, log_level="warning")
     return 0
