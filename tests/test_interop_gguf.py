@@ -174,3 +174,150 @@ def test_agreement_counts_identical_answers_per_task(tmp_path):
     assert "| shape | 0/1 | 0.0 |" in agreement_table(rows)
     with pytest.raises(ValueError, match="different questions"):
         agreement(ours, write("c.jsonl", [("1-color-0", "red")]))
+
+
+# ---- a Llama/Vicuna-style tokenizer (SentencePiece BPE with byte fallback), as in a model converted from LLaVA-1.5
+
+SPIECE = "\u2581"
+SPM_CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "USER: What is in the image? ASSISTANT: There is a red circle and a blue square.",
+    "How many objects are there? There are three objects: a green star and a yellow triangle.",
+    "Is there a cat in the picture? No, there is no cat. Yes, the circle is on the left of the square.",
+]
+SPM_PROBES = ["What is in the image?", "There are three red circles.", "  two  spaces and\na newline",
+              "café déjà vu €5 🙂", "unseen-words: zyxw qqq", "ASSISTANT:The answer"]
+
+
+def spm_tokenizer(metaspace: bool):
+    """Llama's tokenizer.json layout, built with `tokenizers`: <unk> <s> </s>, <0x00>..<0xFF>, then BPE pieces
+    learned on '▁'-escaped text; byte fallback; Llama's legacy normalizer (Prepend '▁' + Replace ' ' -> '▁')
+    or the newer non-splitting Metaspace pre-tokenizer; BOS added by the post-processor."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    escape = normalizers.Sequence([normalizers.Prepend(SPIECE), normalizers.Replace(" ", SPIECE)])
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.normalizer = escape
+    learner.train_from_iterator(SPM_CORPUS * 4, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                                    show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if metaspace:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE, prepend_scheme="first", split=False)
+    else:
+        tok.normalizer = escape
+    tok.decoder = decoders.Sequence([decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def spm_llama(out, metaspace: bool):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = spm_tokenizer(metaspace)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def llamacpp_spm_tokenize(text: str, tokens: list[str], scores: list[float], add_space_prefix: bool) -> list[int]:
+    """llama.cpp's `llama` (SPM) tokenizer (llm_tokenizer_spm_session), no special-token parsing: escape spaces,
+    start from UTF-8 characters, repeatedly merge the adjacent pair whose joined text is a token with the highest
+    score (ties: leftmost), then emit each symbol's token or its <0xNN> bytes."""
+    import heapq
+
+    ids = {t: i for i, t in enumerate(tokens)}
+    syms = list(((" " if add_space_prefix else "") + text).replace(" ", SPIECE))
+    prev, nxt = list(range(-1, len(syms) - 1)), list(range(1, len(syms))) + [-1]
+    heap: list = []
+
+    def bigram(left: int, right: int) -> None:
+        if left != -1 and right != -1 and (joined := syms[left] + syms[right]) in ids:
+            heapq.heappush(heap, (-scores[ids[joined]], left, right, len(joined)))
+
+    for i in range(1, len(syms)):
+        bigram(i - 1, i)
+    while heap:
+        _, left, right, size = heapq.heappop(heap)
+        if not syms[left] or not syms[right] or len(syms[left]) + len(syms[right]) != size:
+            continue
+        syms[left], syms[right] = syms[left] + syms[right], ""
+        nxt[left] = nxt[right]
+        if nxt[left] != -1:
+            prev[nxt[left]] = left
+        bigram(prev[left], left)
+        bigram(left, nxt[left])
+    out, i = [], 0
+    while i != -1:
+        out += [ids[syms[i]]] if syms[i] in ids else [ids[f"<0x{b:02X}>"] for b in syms[i].encode()]
+        i = nxt[i]
+    return out
+
+
+@pytest.mark.parametrize("metaspace", [False, True], ids=["legacy-normalizer", "metaspace"])
+def test_llama_spm_tokenizer_exported(tiny_parts, tmp_path, metaspace):
+    """A converted LLaVA-1.5's vocabulary (SentencePiece BPE, byte fallback) as llama.cpp's `llama` tokenizer."""
+    src = make_model({**tiny_parts, "llama": spm_llama(tmp_path / "llama", metaspace)}, tmp_path / "m")
+    files = export_gguf(src, tmp_path / "gguf")
+    lm = load_model(src)
+    tok = lm.tokenizer
+    reader = gguf.GGUFReader(files.lm)
+    meta = fields(reader)
+    rows = lm.model.get_input_embeddings().weight.shape[0]
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.pre"] == "default"
+    assert "tokenizer.ggml.merges" not in meta
+    tokens, scores, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]
+    assert tokens == tok.convert_ids_to_tokens(list(range(rows))) and len(scores) == len(types) == rows == len(tok)
+    T = gguf.TokenType
+    assert tokens[3:259] == [f"<0x{b:02X}>" for b in range(256)] and set(types[3:259]) == {T.BYTE}
+    image_id, pad_id = tok.convert_tokens_to_ids("<image>"), tok.pad_token_id
+    assert image_id >= 259 and pad_id >= 259  # added by llavakit init after the base vocabulary
+    assert (types[0], types[1], types[2]) == (T.UNKNOWN, T.CONTROL, T.CONTROL)  # <unk> <s> </s>
+    assert types[image_id] == types[pad_id] == T.CONTROL
+    assert {types[i] for i in range(259, rows) if i not in (image_id, pad_id)} == {T.NORMAL}
+    ids = (meta["tokenizer.ggml.unknown_token_id"], meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
+           meta["tokenizer.ggml.padding_token_id"])
+    assert ids == (0, 1, 2, pad_id)
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.chat_template"] == tok.chat_template
+    # GGUF value types as llama.cpp reads them
+    V = gguf.GGUFValueType
+    kinds = {k: reader.fields[k].types for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                                                  "tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_bos_token",
+                                                  "tokenizer.ggml.add_space_prefix")}
+    assert kinds == {"tokenizer.ggml.tokens": [V.ARRAY, V.STRING], "tokenizer.ggml.scores": [V.ARRAY, V.FLOAT32],
+                     "tokenizer.ggml.token_type": [V.ARRAY, V.INT32], "tokenizer.ggml.bos_token_id": [V.UINT32],
+                     "tokenizer.ggml.add_bos_token": [V.BOOL], "tokenizer.ggml.add_space_prefix": [V.BOOL]}
+    # the scores make llama.cpp's SPM merge order the BPE's: same ids as the HF tokenizer (incl. byte fallback)
+    for text in SPM_PROBES:
+        same = llamacpp_spm_tokenize(text, tokens, scores, True) == tok(text, add_special_tokens=False)["input_ids"]
+        # known: tokenizers' Metaspace adds no '▁' to a text that starts with a space; SentencePiece and llama.cpp do
+        assert same != (metaspace and text.startswith(" ")), text
+    # llama.cpp's converter writes -1000 for every score (LlamaHfVocab): merging left to right then differs
+    flat = [-1000.0] * rows
+    assert any(llamacpp_spm_tokenize(t, tokens, flat, True) != tok(t, add_special_tokens=False)["input_ids"] for t in SPM_PROBES)
+
+
+def test_refuses_an_unsupported_tokenizer_before_writing(tiny_model_dir, tmp_path):
+    src = tmp_path / "m"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, src)
+    data = json.loads((src / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "Lowercase"}
+    (src / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="byte-level BPE tokenizer with a normalizer is not supported"):
+        export_gguf(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -2,8 +2,10 @@
 
 Language model (`general.architecture = llama`): llama.cpp's tensor names (`token_embd`,
 `blk.N.attn_q`, ..., `output`), q/k rows permuted from transformers' half-split rotary layout to
-llama.cpp's interleaved pairs, and the byte-level BPE tokenizer as `tokenizer.ggml.model = gpt2`
-with its merges and the pre-tokenizer llama.cpp knows by name (`gpt-2`, `smollm`).
+llama.cpp's interleaved pairs, and the tokenizer: a byte-level BPE as `tokenizer.ggml.model = gpt2`
+with its merges and the pre-tokenizer llama.cpp knows by name (`gpt-2`, `smollm`), or a
+SentencePiece-style BPE with byte fallback (Llama/Vicuna's tokenizer.json, e.g. a model converted from
+LLaVA-1.5) as `tokenizer.ggml.model = llama` with scores and token types (see `llama_vocab`).
 
 mmproj (`general.architecture = clip`, `clip.projector_type = mlp`): the vision tower under
 `v.*` (`v.patch_embd`, `v.class_embd`, `v.position_embd`, `v.pre_ln`, `v.blk.N.{attn_q,attn_k,
@@ -15,13 +17,15 @@ out: LLaVA takes hidden states before them.
 
 What llama.cpp cannot express is refused before anything is written: a `linear` projector (its
 `mlp` graph always applies GELU after `mm.0`), keeping the CLS token (`full` with CLIP: it always
-drops the first position) or dropping a patch of a CLS-free encoder (`default` with SigLIP).
+drops the first position) or dropping a patch of a CLS-free encoder (`default` with SigLIP), and
+tokenizers other than the two kinds above.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,6 +202,47 @@ def tokenizer_json(tokenizer) -> dict:
     return json.loads(backend.to_str())
 
 
+SPIECE = "\u2581"  # '▁', SentencePiece's escaped space
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """'gpt2' (byte-level BPE) or 'llama' (SentencePiece-style BPE with byte fallback); others raise ValueError."""
+    data = tokenizer_json(tokenizer)
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"GGUF export: a {model.get('type')} tokenizer model is not supported (BPE only)")
+    if model.get("byte_fallback"):
+        space_prefix(data)  # raises unless llama.cpp's SentencePiece normalisation matches
+        return "llama"
+    if data.get("normalizer"):
+        raise ValueError("GGUF export: a byte-level BPE tokenizer with a normalizer is not supported")
+    pre_tokenizer_name(data)  # raises for unknown pre-tokenizers
+    return "gpt2"
+
+
+def space_prefix(data: dict) -> bool:
+    """Whether a byte-fallback BPE tokenizer prepends '▁' (llama.cpp's `add_space_prefix`).
+
+    llama.cpp's `llama` tokenizer escapes every space to '▁' and optionally prepends one, on the whole
+    text: that is the Llama tokenizer.json's normalizer (Prepend '▁' + Replace ' ' -> '▁', no
+    pre-tokenizer) or a non-splitting Metaspace pre-tokenizer (no normalizer). Anything else raises.
+    """
+    norm, pre = data.get("normalizer"), data.get("pre_tokenizer")
+    if norm and not pre:
+        steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+        kinds = [(st.get("type"), st.get("prepend") or st.get("content"), (st.get("pattern") or {}).get("String"))
+                 for st in steps]
+        if kinds in ([("Prepend", SPIECE, None), ("Replace", SPIECE, " ")], [("Replace", SPIECE, " ")]):
+            return len(kinds) == 2
+    if pre and not norm and pre.get("type") == "Metaspace" and pre.get("replacement") == SPIECE and not pre.get("split", True):
+        scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
+        if scheme in ("first", "always", "never"):
+            return scheme != "never"
+    raise ValueError(f"GGUF export: byte-fallback BPE with normalizer {json.dumps(norm)[:160]} and pre-tokenizer "
+                     f"{json.dumps(pre)[:160]} has no llama.cpp equivalent (supported: Llama's '\u2581' escaping)")
+
+
 def pre_tokenizer_name(data: dict) -> str:
     """llama.cpp's name for the tokenizer's byte-level pre-tokenizer; unknown ones raise."""
     pre = data.get("pre_tokenizer") or {}
@@ -234,13 +279,64 @@ def bpe_vocab(tokenizer, rows: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, [int(t) for t in types], merges
 
 
+def llama_vocab(tokenizer, rows: int) -> tuple[list[str], list[float], list[int]]:
+    """Tokens (padded to the embedding rows), scores and llama.cpp types of a byte-fallback BPE tokenizer.
+
+    As llama.cpp's convert_hf_to_gguf writes a Llama tokenizer.json without tokenizer.model
+    (`LlamaHfVocab`), except for the scores: it writes -1000 for every token, but llama.cpp's `llama`
+    tokenizer merges the adjacent pair whose joined text has the highest score, so equal scores would
+    merge left to right instead of in the BPE's order. Here a token made by merge number r scores -r
+    (the merges are in priority order), every other token 0; for a tokenizer.json converted from a
+    SentencePiece model this is the original score order. Types: `<0xNN>` BYTE, the unk token UNKNOWN,
+    other special added tokens (`<s>`, `</s>`, `<image>`, `<pad>`) CONTROL, other added tokens
+    USER_DEFINED, the rest NORMAL.
+    """
+    import gguf
+
+    data = tokenizer_json(tokenizer)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    vocab = data["model"]["vocab"]
+    scores_by_id: dict[int, float] = {}
+    for rank, merge in enumerate(data["model"]["merges"]):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token_id = vocab.get(left + right)
+        if token_id is not None:
+            scores_by_id.setdefault(token_id, -float(rank))
+    tokens, scores, types = [], [], []
+    for i in range(rows):
+        token = by_id.get(i)
+        tokens.append(f"[PAD{i}]" if token is None else token)
+        scores.append(scores_by_id.get(i, 0.0))
+        if token is None:
+            types.append(gguf.TokenType.UNUSED)
+        elif BYTE_TOKEN.fullmatch(token):
+            types.append(gguf.TokenType.BYTE)
+        elif i == tokenizer.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, scores, [int(t) for t in types]
+
+
 def add_tokenizer(writer, tokenizer, rows: int) -> None:
-    tokens, types, merges = bpe_vocab(tokenizer, rows)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json(tokenizer)))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if tokenizer_kind(tokenizer) == "llama":
+        tokens, scores, types = llama_vocab(tokenizer, rows)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(space_prefix(tokenizer_json(tokenizer)))
+    else:
+        tokens, types, merges = bpe_vocab(tokenizer, rows)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json(tokenizer)))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
     probe = tokenizer("a")["input_ids"]
     writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
@@ -362,6 +458,7 @@ def export_gguf(src: str | Path, out: str | Path, outtype: str = "f32") -> GGUFF
         raise ValueError(f"outtype must be one of {OUTTYPES}, got {outtype!r}")
     lm = load_any(src)
     check_exportable(lm.model, lm.meta.projector_type)
+    tokenizer_kind(lm.tokenizer)  # an unsupported tokenizer is refused before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mm_type = "f32" if outtype == "f32" else "f16"
