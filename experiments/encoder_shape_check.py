@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/tmp/llavakit-shape-check", help="where the worlds are generated")
+    p.add_argument("--out", default=str(OUT / "encoder_shape_check.json"), help="result JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     splits, classes = data(Path(args.work), args.train_images, args.test_images)
@@ -123,9 +124,9 @@ def main() -> None:
         torch.manual_seed(0)
         model = VitHead(len(classes), args.patch, args.pool) if name == "vit" else cnn(len(classes))
         runs[name] = train(name, model, splits, args)
-    OUT.mkdir(exist_ok=True)
     result = {"args": vars(args), "classes": classes, "chance": 1 / len(classes), "runs": runs}
-    path = OUT / "encoder_shape_check.json"
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 
