@@ -4,9 +4,10 @@ A real uvicorn server on localhost serves the benchmark model. Two workloads: im
 (each request carries a 576-token image as a data URL, so prefill is a large share of the work)
 and text chat (short prompts, decode-dominated). Every request asks for a fixed number of tokens
 (`min_tokens` = `max_tokens`, greedy), so both runs do the same work. Throughput is generated
-tokens per wall-clock second. Concurrent image questions are prefill-bound: the engine prefills
-requests of similar length in one forward, and the worker gathers a burst of arrivals into one
-batch (see llavakit/serve/worker.py).
+tokens per wall-clock second. Concurrent image questions are mostly prefill-bound: the engine
+prefills short requests of similar length in one forward and long ones one by one, decodes all rows
+as one batch (several-row products through oneDNN), and the worker gathers a burst of arrivals into
+one batch (see llavakit/serve/worker.py, llavakit/infer/engine.py).
 Run: python -m bench.server_throughput [--quick]
 """
 
@@ -133,13 +134,14 @@ def doc(r: dict) -> str:
     pressure = r["cpu_pressure_after"] or {}
     return (
         "### Server throughput notes\n\n"
-        "Image questions are prefill-bound: each carries a 576-token image, and a 600-token prefill costs as much "
-        "as about 20 decode steps. Concurrent requests of similar length are now prefilled in one forward "
-        "(right-padded, so each row gets the positions and attention it would alone), and the worker gathers a "
-        "burst of arrivals (each within `batch_wait_ms` of the previous) into one batch instead of taking what came in the "
-        "first window. Prefill stays compute-bound, so batching it saves only per-call overhead (and, with two "
-        "threads on a loaded machine, parallel-region stalls); the ceiling is (prefill + decode of one request) / "
-        "(prefill + decode of one row in a batch of 8), and faster batch-1 decode lowers it. "
+        "Image questions are mostly prefill-bound: each carries a 576-token image, and a 600-token prefill (~1 s "
+        "here, its matrix products near the machine's peak) costs as much as about 20 decode steps. Long prompts are "
+        "prefilled one by one (grouping 600-token prompts cost 8 % more per row: the activations outgrow the caches), "
+        "short ones of similar length in one right-padded forward. The batched decode step does the rest: with MKL's "
+        "few-row sgemm a step of 8 rows cost 2.4x a step of one, which capped this ratio at ~2.0x; products of several "
+        "rows now go through oneDNN with prepacked weights (`prepack_multirow`, `LLAVAKIT_ONEDNN_ROWS=0` turns it "
+        "off; it keeps a second copy of the LM weights). The ceiling is (prefill + 64 one-row steps) / (prefill + "
+        "64 eight-row steps / 8); 3x needs an 8-row step of about 45 ms or less inside the server. "
         f"This run: {image['requests']} image requests took {image['sequential_s']:.0f} s one at a time and "
         f"{image['concurrent_s']:.0f} s from {CLIENTS} clients; batch sizes seen {r['batch_sizes']}; "
         f"{r['threads']} torch threads; CPU pressure after {pressure.get('avg10', 0):.0f}% (10 s) / {pressure.get('avg60', 0):.0f}% (60 s)."

@@ -104,6 +104,43 @@ def test_decode_step_gives_the_model_forward_tokens(tiny_model_dir, kind):
     assert step is not None and [c.token_ids for c in fast] == [c.token_ids for c in slow]
 
 
+def test_multirow_products_go_through_onednn_and_give_the_mkl_tokens(tiny_model_dir, monkeypatch):
+    """Products of several rows (prefill, batched steps) use oneDNN's prepacked weights; one row keeps MKL."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llavakit.infer.engine import ONEDNN_ENV, DecodeBatch
+    from llavakit.infer.optimize import DenseLinear
+
+    monkeypatch.setenv(ONEDNN_ENV, "0")
+    mkl = load_pipeline(tiny_model_dir)
+    monkeypatch.setenv(ONEDNN_ENV, "1")
+    dnn = load_pipeline(tiny_model_dir)
+    dense = [m for m in (*dnn.lm.model.modules(),) if isinstance(m, DenseLinear)]
+    assert mkl.engine.onednn_linears == 0 and dnn.engine.onednn_linears == len(dense) > 0
+    assert load_pipeline(tiny_model_dir, int8=True).engine.onednn_linears == 0
+    assert load_pipeline(tiny_model_dir, fast=False).engine.onednn_linears == 0
+    batch = [([RED], "<image>\nDescribe the image."), ([], "Name three colours, then three shapes."),
+             ([BLUE], "<image>\nWhat is it?")]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        together = dnn.complete(batch, SamplingParams(max_new_tokens=16))
+    assert any(e.key == "mkldnn::_linear_pointwise" for e in prof.key_averages())
+    by_mkl = mkl.complete(batch, SamplingParams(max_new_tokens=16))
+    assert [c.token_ids for c in together] == [c.token_ids for c in by_mkl]
+    logits = []
+    for p in (mkl, dnn):
+        b = DecodeBatch()
+        for i, item in enumerate(batch):
+            p.engine._join(b, i, p.row(p.prompt(*item), GREEDY12), None, 0)
+        tokens = torch.tensor([[5], [7], [9]])  # [3, 1]
+        logits.append(p.engine.step(tokens, b.next_pos[:, None], b.step_mask(), b.cache))  # [3, V]
+    assert torch.allclose(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+    alone = DecodeBatch()
+    dnn.engine._join(alone, 0, dnn.row(dnn.prompt(*batch[1]), GREEDY12), None, 0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        dnn.engine.step(tokens[:1], alone.next_pos[:, None], alone.step_mask(), alone.cache)
+    assert not any(e.key == "mkldnn::_linear_pointwise" for e in prof.key_averages())  # one row: MKL's product
+
+
 def test_compiled_decode_step_is_opt_in(tiny_model_dir, monkeypatch):
     from llavakit.infer.engine import COMPILE_ENV
 
@@ -249,7 +286,9 @@ def test_slab_cache_appends_in_place_and_follows_crop_select_and_replacement():
 def test_prefill_groups_keep_similar_lengths_together():
     from llavakit.infer.engine import prefill_groups
 
-    assert prefill_groups([609, 30, 610, 600, 31, 520]) == [[0, 2, 3], [1, 4], [5]]
+    assert prefill_groups([609, 30, 610, 600, 31, 520], max_tokens=8192) == [[0, 2, 3], [1, 4], [5]]
+    assert prefill_groups([609, 30, 610, 600, 31, 520]) == [[0], [1, 4], [2], [3], [5]]  # long prompts one by one
+    assert prefill_groups([33] * 8) == [list(range(8))]
     assert prefill_groups([100] * 5, max_tokens=300) == [[0, 1, 2], [3, 4]]
 
 

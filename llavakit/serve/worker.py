@@ -4,7 +4,8 @@ Requests are validated and turned into engine rows in the request handlers, then
 bounded thread-safe queue (full: the handler answers 503 at once). The model thread takes a
 request and gathers the burst it belongs to: more requests, as long as each comes within
 `batch_wait_ms` of the previous one (at most 8 windows in all), and decodes them as one batch; the
-engine prefills requests of similar length together. Requests arriving while a batch runs join it
+engine prefills short requests of similar length together and long ones (image prompts) one by
+one, which costs the same work either way. Requests arriving while a batch runs join it
 between decode steps (continuous batching, up to `max_batch_size` rows).
 Every step's text goes back to each request's own asyncio queue with `call_soon_threadsafe`, so
 streaming responses flush while the model keeps decoding. A request whose client went away is
