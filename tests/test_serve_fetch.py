@@ -6,7 +6,6 @@ No network: the origin is a local http.server on 127.0.0.1 in a thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import threading
 import time
@@ -17,6 +16,7 @@ import pytest
 from PIL import Image
 
 from llavakit.serve.images import ImageSources, ImageURLError, fetch_remote
+from test_serve import running
 
 RED = Image.new("RGB", (40, 30), (200, 20, 20))
 DRIP_BYTES, DRIP_EVERY_S = 30, 0.2  # a dripped response takes 6 s in full
@@ -132,26 +132,6 @@ def test_cli_flag_sets_the_total_limit():
     assert config_from_args(args).images.remote_total_timeout_s == 2.5
     default = config_from_args(build_parser().parse_args(["serve"])).images
     assert default.remote_total_timeout_s == 30.0 and not default.allow_remote
-
-
-@contextlib.contextmanager
-def running(app):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.mark.usefixtures("one_torch_thread")
