@@ -75,6 +75,15 @@ def cls_last_features(lm, image) -> np.ndarray:
         return lm.model.model.multi_modal_projector(x[0, 1:]).numpy()  # [P, Dt]
 
 
+def both_logits(llm, lm, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's and transformers' logits for the same ids: ([T, V], [T, V])."""
+    llm.eval(ids)
+    cpp = np.array(llm.scores[: len(ids)])  # [T, V]
+    with torch.no_grad():
+        ref = lm.model(input_ids=torch.tensor([ids])).logits[0].numpy()  # [T, V]
+    return cpp, ref
+
+
 @pytest.mark.parametrize("outtype, tol", [("f32", 1e-3), ("f16", 5e-3), ("q8_0", 5e-2)])
 def test_lm_tokens_and_logits_match_transformers(tiny_model_dir, tmp_path, outtype, tol):
     from llama_cpp import Llama
@@ -85,12 +94,9 @@ def test_lm_tokens_and_logits_match_transformers(tiny_model_dir, tmp_path, outty
     llm = Llama(model_path=str(files.lm), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     try:
         assert llm.tokenize(PROMPT.encode(), add_bos=False, special=True) == ids[1:]
-        llm.eval(ids)
-        cpp = np.array(llm.scores[: len(ids)])  # [T, V]
+        cpp, ref = both_logits(llm, lm, ids)
     finally:
         llm.close()
-    with torch.no_grad():
-        ref = lm.model(input_ids=torch.tensor([ids])).logits[0].numpy()  # [T, V]
     assert np.abs(cpp - ref).max() <= tol
     assert (cpp.argmax(-1) == ref.argmax(-1)).all()
 
@@ -175,10 +181,7 @@ def test_llama_spm_vocab_tokenizes_and_scores_as_transformers(tiny_parts, tmp_pa
             # known: tokenizers' Metaspace adds no '▁' before a text that starts with a space; llama.cpp does
             assert (cpp == hf) != (metaspace and text.startswith(" ")), text
         ids = [lm.tokenizer.bos_token_id] + lm.tokenizer(SPM_PROBES[0], add_special_tokens=False)["input_ids"]
-        llm.eval(ids)
-        cpp_logits = np.array(llm.scores[: len(ids)])  # [T, V]
+        cpp_logits, ref = both_logits(llm, lm, ids)
     finally:
         llm.close()
-    with torch.no_grad():
-        ref = lm.model(input_ids=torch.tensor([ids])).logits[0].numpy()  # [T, V]
     assert np.abs(cpp_logits - ref).max() <= 1e-3
