@@ -48,6 +48,22 @@ def image_files(tmp_path):
     return tmp_path
 
 
+def test_engine_passes_the_cache_by_the_name_transformers_takes(pipe):
+    """transformers 5.x deprecates `past_key_values` for `cache` (gone in 5.40); no deprecation warning here."""
+    import inspect
+    import warnings
+
+    from transformers import LlavaForConditionalGeneration
+
+    from llavakit.infer.engine import cache_kwarg
+
+    params = inspect.signature(LlavaForConditionalGeneration.forward).parameters
+    assert cache_kwarg(pipe.lm.model) == pipe.engine.cache_kwarg == ("cache" if "cache" in params else "past_key_values")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert pipe.complete([([RED], "<image>\nWhat is this?")], SamplingParams(max_new_tokens=3))[0].token_ids
+
+
 def test_batch_gives_each_row_its_greedy_tokens_alone(pipe):
     batch = [([RED], "<image>\nWhat is this?"), ([], "How many objects are there in the picture, and what colours?"),
              ([RED, BLUE], "<image> and <image>: which is larger?")]

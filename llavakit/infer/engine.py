@@ -78,6 +78,18 @@ ONEDNN_ENV = "LLAVAKIT_ONEDNN_ROWS"
 """Set to 0 to keep MKL for products of several rows (no prepacked weight copies: less memory, slower batches)."""
 
 
+def cache_kwarg(model) -> str:
+    """`cache` where the installed transformers takes it (it deprecates `past_key_values`, gone in 5.40), else
+    `past_key_values` (earlier 5.x releases)."""
+    import inspect
+
+    for klass in type(model).__mro__:  # the first forward that names its arguments (subclasses may take **kwargs)
+        params = inspect.signature(vars(klass)["forward"]).parameters if "forward" in vars(klass) else {}
+        if "cache" in params or "past_key_values" in params:
+            return "cache" if "cache" in params else "past_key_values"
+    return "past_key_values"
+
+
 class Engine:
     """Runs rows on a `LlavaForConditionalGeneration`. One `run` at a time (not thread-safe)."""
 
@@ -91,6 +103,8 @@ class Engine:
         """The one-token forward used between prefills; None: the model's forward (set None to compare)."""
         self.compiled_step: CompiledDecodeStep | None = None
         """Set by `compile_decode`: single-row steps go through it."""
+        self.cache_kwarg = cache_kwarg(model)
+        """The forward's name for the KV cache (`past_key_values`, renamed `cache` in later transformers 5.x)."""
         self.onednn_linears = prepack_multirow(model) if os.environ.get(ONEDNN_ENV, "1") != "0" else 0
         """How many packed linears run products of several rows through oneDNN (`prepack_multirow`)."""
         if os.environ.get(COMPILE_ENV) == "1" and compiled_step_supported(model):
@@ -116,7 +130,7 @@ class Engine:
 
         ids, positions: [B, T]; mask: [B, past+T] or None; keep: 1, or [B, 1] positions."""
         out = self.model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                         use_cache=True, logits_to_keep=keep, **{self.cache_kwarg: cache})
         return out.logits[:, -1].float()  # [B, V]
 
     @torch.inference_mode()
