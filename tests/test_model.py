@@ -155,3 +155,17 @@ def test_init_rejects_bad_input(tiny_parts, tmp_path):
 def test_load_missing_model_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model at"):
         load_model(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("missing, part", [("processor_config.json", "image processor"),
+                                           ("tokenizer.json", "tokenizer")])
+def test_load_names_a_missing_processor_part(tiny_model_dir, tmp_path, missing, part):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, copy)
+    (copy / missing).unlink()
+    if part == "tokenizer":
+        (copy / "tokenizer_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=f"model dir {copy} has no usable {part}"):
+        load_model(copy)

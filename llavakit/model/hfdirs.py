@@ -36,6 +36,23 @@ def model_dir(path: str | Path) -> Path:
     return path
 
 
+def load_processors(path: Path):
+    """(tokenizer, image processor) of a model dir; FileNotFoundError naming the dir and the part that is missing.
+
+    transformers raises an OSError with a Hub-oriented message (and a traceback from the CLI) instead."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    parts = (("tokenizer", AutoTokenizer, "tokenizer.json / tokenizer_config.json"),
+             ("image processor", AutoImageProcessor, "preprocessor_config.json or processor_config.json"))
+    loaded = []
+    for what, auto, files in parts:
+        try:
+            loaded.append(auto.from_pretrained(path))
+        except (OSError, ValueError) as exc:  # missing files: OSError, or ValueError when no tokenizer can be built
+            raise FileNotFoundError(f"model dir {path} has no usable {what} ({files}): {exc}") from None
+    return tuple(loaded)
+
+
 def load_weights(path: str | Path, dtype=None):
     """`LlavakitForConditionalGeneration.from_pretrained(path)` for llavakit's and llava-hf's weight names.
 
@@ -150,14 +167,12 @@ def infer_meta(path: Path, tokenizer, image_processor, template_name: str | None
 def load_hf_dir(path: str | Path, template: str | None = None, *, dtype: str = "float32"):
     """A llava-hf dir (no llavakit record) as a LoadedModel, its meta inferred (see module doc)."""
     import torch
-    from transformers import AutoImageProcessor, AutoTokenizer
 
     from llavakit.data.templates import ChatTemplate
     from llavakit.model.io import LoadedModel
 
     path = model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
+    tokenizer, image_processor = load_processors(path)
     meta = infer_meta(path, tokenizer, image_processor, template)
     model = load_weights(path, getattr(torch, dtype))
     model.config.llavakit = meta.to_dict()

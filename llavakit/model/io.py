@@ -93,10 +93,9 @@ def has_cls_token(config) -> bool:
 def load_model(path: str | Path, *, dtype: str = "float32") -> LoadedModel:
     """Load a llavakit model dir (or a run dir holding one in `model/`, or a llava-hf dir)."""
     import torch
-    from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from llavakit.model.hfdirs import has_record, load_hf_dir, load_weights, model_dir
+    from llavakit.model.hfdirs import has_record, load_hf_dir, load_processors, load_weights, model_dir
 
     path = model_dir(path)
     hf_logging.disable_progress_bar()
@@ -104,9 +103,8 @@ def load_model(path: str | Path, *, dtype: str = "float32") -> LoadedModel:
         return load_hf_dir(path, dtype=dtype)
     # load_weights, not from_pretrained: `export --format hf` writes the Hub's `language_model.lm_head.*`,
     # which transformers 5 maps for its own classes only (the LM head would stay random)
+    tokenizer, image_processor = load_processors(path)  # first: a missing part fails before the weights load
     model = load_weights(path, getattr(torch, dtype))
     meta = LlavakitMeta.from_config(model.config)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
     model.eval()
     return LoadedModel(model, tokenizer, image_processor, ChatTemplate.from_dict(meta.template), meta, path)
