@@ -155,6 +155,9 @@ def test_llava_hf_dir_without_record(tiny_model_dir, tmp_path):
     again = load_model(import_hf(plain, tmp_path / "imported"))
     assert again.meta.history == [{"from": "llava-hf", "source": str(plain)}]
     assert llavakit_prompt(again) == llavakit_prompt(ref)
+    with pytest.raises(ValueError, match="already a llavakit model dir"):
+        import_hf(tiny_model_dir, tmp_path / "not-written")
+    assert not (tmp_path / "not-written").exists()
 
 
 def test_llava_hf_template_for_part_lists_refused(tiny_model_dir, tmp_path):

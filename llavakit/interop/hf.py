@@ -49,6 +49,9 @@ def import_hf(src: str | Path, out: str | Path, template: str | None = None) -> 
     """`convert --from llava-hf`: write a llavakit dir (with its record) from a llava-hf dir."""
     from llavakit.model.io import has_cls_token, save_model
 
+    if has_record(model_dir(src)):
+        raise ValueError(f"{src} is already a llavakit model dir (config.json has a 'llavakit' record); "
+                         "use it as it is, or `llavakit export --format hf` for a llava-hf dir")
     lm = load_hf_dir(src, template)
     return save_model(lm.model, lm.tokenizer, lm.image_processor, out, has_cls=has_cls_token(lm.model.config))
 
