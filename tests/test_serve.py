@@ -298,7 +298,7 @@ def test_remote_images_when_enabled_with_limits(tiny_model_dir, ref):
     threading.Thread(target=origin.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{origin.server_address[1]}"
     pipe = load_pipeline(tiny_model_dir, model_id="tiny")
-    sources = ImageSources(max_bytes=200_000, allow_remote=True, remote_timeout_s=0.5)
+    sources = ImageSources(max_bytes=200_000, allow_remote=True, remote_timeout_s=0.5, remote_hosts=("127.0.0.1",))
     try:
         with running(create_app(pipe, ServeConfig(images=sources))) as url:
             ok = _post(url, {**_user(_img(base + "/red.png"), TEXT), "temperature": 0})

@@ -1,6 +1,7 @@
-"""Remote image fetch limits (llavakit.serve.images): a total time limit, a byte cap, and the normal case.
+"""Remote image fetch (llavakit.serve.images): a total time limit, a byte cap, the normal case, and where a fetch
+may go (non-public addresses refused by default, the --remote-image-hosts allow-list, redirects checked hop by hop).
 
-No network: the origin is a local http.server on 127.0.0.1 in a thread.
+No network: the origin is a local http.server on 127.0.0.1 in a thread (so the tests list 127.0.0.1 as allowed).
 """
 
 from __future__ import annotations
@@ -30,13 +31,24 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 RED_PNG = png_bytes(RED)
+LOCAL = ("127.0.0.1",)  # remote_hosts that lets a fetch reach the origin
 
 
 class _Origin(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server API
+        self.server.hits.append(self.path)
         try:
             if self.path == "/red.png":
                 self._send(RED_PNG)
+            elif self.path.startswith("/hop/"):  # /hop/N: N relative redirects, then the image
+                left = int(self.path.rsplit("/", 1)[1])
+                self._redirect(f"/hop/{left - 1}" if left > 0 else "/red.png")
+            elif self.path == "/to-localhost":  # the same server under a name that is not allow-listed
+                self._redirect(f"http://localhost:{self.server.server_address[1]}/red.png")
+            elif self.path == "/to-file":
+                self._redirect("file:///etc/passwd")
+            elif self.path == "/no-location":
+                self._send(b"", status=302)
             elif self.path == "/big.png":  # declares its size: refused before any body is read
                 self._send(b"\x89PNG" + b"\x00" * 300_000)
             elif self.path == "/big-undeclared.png":  # no Content-Length (HTTP/1.0, ends at close): cut off streaming
@@ -56,6 +68,12 @@ class _Origin(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the fetch under test gave up
 
+    def _redirect(self, location: str, status: int = 302):
+        self.send_response(status)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _send(self, body: bytes, status: int = 200):
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -72,19 +90,26 @@ class _Origin(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def origin():
+def origin_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Origin)
+    server.hits = []  # request paths, in order: shows whether a refused fetch connected at all
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server
     finally:
         server.shutdown()
         server.server_close()
 
 
+@pytest.fixture
+def origin(origin_server) -> str:
+    """The origin's base URL, e.g. `origin + "/red.png"`."""
+    return f"http://127.0.0.1:{origin_server.server_address[1]}"
+
+
 def fetch(url: str, **kw) -> bytes:
-    sources = ImageSources(**{"max_bytes": 200_000, "allow_remote": True, **kw})
+    sources = ImageSources(**{"max_bytes": 200_000, "allow_remote": True, "remote_hosts": LOCAL, **kw})
     return asyncio.run(fetch_remote(url, "messages[0].content[0]", sources))
 
 
@@ -140,7 +165,7 @@ def test_server_answers_400_on_a_slow_drip(origin, tiny_model_dir):
     from llavakit.serve.app import ServeConfig, create_app
 
     pipe = load_pipeline(tiny_model_dir, model_id="tiny")
-    config = ServeConfig(images=ImageSources(allow_remote=True, remote_total_timeout_s=LIMIT_S))
+    config = ServeConfig(images=ImageSources(allow_remote=True, remote_total_timeout_s=LIMIT_S, remote_hosts=LOCAL))
     url = origin + "/drip-body.png"
     body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}]}
@@ -152,3 +177,146 @@ def test_server_answers_400_on_a_slow_drip(origin, tiny_model_dir):
     error = r.json()["error"]
     assert error["code"] == "invalid_image_url" and url in error["message"] and "total time limit" in error["message"]
     assert elapsed < DRIP_BYTES * DRIP_EVERY_S / 2, f"took {elapsed:.1f} s; the drip lasts 6 s"
+
+
+# Where a fetch may go: non-public addresses refused by default, the allow-list, redirects checked hop by hop.
+
+WHERE = "messages[0].content[0]"
+
+
+@pytest.fixture
+def no_requests(monkeypatch):
+    """Fail the test if httpx sends any request: a refusal must come before connecting."""
+    async def refuse(*args, **kwargs):
+        raise AssertionError(f"a request was sent: {args[1] if len(args) > 1 else kwargs}")
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", refuse)
+
+
+@pytest.mark.usefixtures("no_requests")
+@pytest.mark.parametrize("url, host, address, kind", [
+    ("http://127.0.0.1:{port}/red.png", "127.0.0.1", "127.0.0.1", "loopback"),
+    ("http://localhost:{port}/red.png", "localhost", "127.0.0.1", "loopback"),
+    ("http://[::1]:{port}/red.png", "::1", "::1", "loopback"),
+    ("http://[::ffff:127.0.0.1]:{port}/red.png", "::ffff:127.0.0.1", "::ffff:7f00:1", "loopback"),
+    ("http://10.0.0.1/cat.png", "10.0.0.1", "10.0.0.1", "private"),
+    ("http://192.168.1.1/cat.png", "192.168.1.1", "192.168.1.1", "private"),
+    ("http://169.254.169.254/latest/meta-data/", "169.254.169.254", "169.254.169.254", "link-local"),
+])
+def test_non_public_addresses_are_refused_by_default(origin_server, url, host, address, kind):
+    before = len(origin_server.hits)
+    url = url.format(port=origin_server.server_address[1])
+    with pytest.raises(ImageURLError) as info:
+        fetch(url, remote_hosts=())
+    message = str(info.value)
+    assert message.startswith(WHERE + ": refusing to fetch"), message
+    assert f"host {host!r} resolves to {address}, a {kind} address" in message, message
+    assert "--remote-image-hosts" in message, message
+    assert origin_server.hits[before:] == []
+
+
+def test_public_address_passes_the_check(monkeypatch):
+    """Default mode lets a public address through to the request (stubbed: no network here)."""
+    sent = []
+
+    async def stub(self, request, **kwargs):
+        sent.append(str(request.url))
+        raise httpx.ConnectError("stubbed: no network in tests")
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", stub)
+    with pytest.raises(ImageURLError, match="could not fetch .*ConnectError: stubbed"):
+        fetch("http://8.8.8.8/cat.png", remote_hosts=())
+    assert sent == ["http://8.8.8.8/cat.png"]
+
+
+@pytest.mark.usefixtures("no_requests")
+def test_unresolvable_host_is_refused():
+    with pytest.raises(ImageURLError, match=r"could not resolve host 'no-such-host\.invalid'"):
+        fetch("http://no-such-host.invalid/cat.png", remote_hosts=(), remote_total_timeout_s=10)
+
+
+def test_listed_host_is_fetched_and_others_refused(origin, origin_server):
+    before = len(origin_server.hits)
+    assert fetch(origin + "/red.png", remote_hosts=("127.0.0.1",)) == RED_PNG
+    assert origin_server.hits[before:] == ["/red.png"]
+    same_server = f"http://localhost:{origin_server.server_address[1]}/red.png"
+    with pytest.raises(ImageURLError) as info:
+        fetch(same_server, remote_hosts=("127.0.0.1",))
+    message = str(info.value)
+    assert f"refusing to fetch {same_server}: host 'localhost' is not one of the allowed remote image hosts " \
+           "(127.0.0.1; --remote-image-hosts)" in message, message
+    assert origin_server.hits[before:] == ["/red.png"]
+
+
+def test_listed_name_is_trusted_case_insensitively(origin_server):
+    url = f"http://LocalHost:{origin_server.server_address[1]}/red.png"
+    assert fetch(url, remote_hosts=("LOCALHOST",)) == RED_PNG
+
+
+def test_redirect_to_an_unlisted_host_is_refused_before_following(origin, origin_server):
+    before = len(origin_server.hits)
+    with pytest.raises(ImageURLError) as info:
+        fetch(origin + "/to-localhost")
+    message = str(info.value)
+    target = f"http://localhost:{origin_server.server_address[1]}/red.png"
+    assert f"refusing to fetch {target} (redirected from {origin}/to-localhost): host 'localhost'" in message, message
+    assert origin_server.hits[before:] == ["/to-localhost"]
+
+
+def test_redirect_on_the_listed_host_is_followed(origin, origin_server):
+    before = len(origin_server.hits)
+    assert fetch(origin + "/hop/1") == RED_PNG
+    assert origin_server.hits[before:] == ["/hop/1", "/hop/0", "/red.png"]
+
+
+def test_three_redirects_are_followed_and_a_fourth_refused(origin, origin_server):
+    assert fetch(origin + "/hop/2") == RED_PNG  # /hop/2 -> /hop/1 -> /hop/0 -> /red.png: 3 redirects
+    before = len(origin_server.hits)
+    with pytest.raises(ImageURLError, match=r"too many redirects \(more than 3\); the last pointed to .*/red\.png"):
+        fetch(origin + "/hop/3")
+    assert origin_server.hits[before:] == ["/hop/3", "/hop/2", "/hop/1", "/hop/0"]  # /red.png never asked for
+
+
+@pytest.mark.parametrize("path, needle", [
+    ("/no-location", "returned HTTP 302 (a redirect) without a Location header"),
+    ("/to-file", "redirected to 'file:///etc/passwd', which is not an http(s) URL"),
+])
+def test_bad_redirects_are_refused(origin, path, needle):
+    with pytest.raises(ImageURLError) as info:
+        fetch(origin + path)
+    assert needle in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["http://images.example.com", "images.example.com/cats", "",
+                                 "images.example.com:8080", "[not-an-ip]", "user@images.example.com"])
+def test_bad_remote_hosts_are_refused(bad):
+    with pytest.raises(ValueError, match="remote image host"):
+        ImageSources(remote_hosts=(bad,))
+
+
+def test_remote_hosts_must_be_a_sequence_not_a_string():
+    with pytest.raises(ValueError, match="must be a tuple of host names"):
+        ImageSources(remote_hosts="127.0.0.1")
+
+
+def test_remote_hosts_are_normalised():
+    sources = ImageSources(remote_hosts=("Images.Example.COM", "[::1]", "0:0::1", " 10.0.0.5 "))
+    assert sources.remote_hosts == ("images.example.com", "::1", "::1", "10.0.0.5")
+
+
+def test_cli_flag_sets_the_remote_hosts(capsys, monkeypatch):
+    from llavakit.cli import build_parser, main
+    from llavakit.serve.cli import config_from_args
+
+    args = build_parser().parse_args(["serve", "--allow-remote-images",
+                                      "--remote-image-hosts", "127.0.0.1,Images.Example.com,[::1]"])
+    assert config_from_args(args).images.remote_hosts == ("127.0.0.1", "images.example.com", "::1")
+    assert config_from_args(build_parser().parse_args(["serve"])).images.remote_hosts == ()
+    bad = build_parser().parse_args(["serve", "--remote-image-hosts", "127.0.0.1,http://evil.example"])
+    with pytest.raises(ValueError, match="--remote-image-hosts '127.0.0.1,http://evil.example': remote image host "
+                                         "'http://evil.example' must be a bare host name"):
+        config_from_args(bad)
+    monkeypatch.setenv("LLAVAKIT_DEBUG", "0")  # main prints the error instead of raising it
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")  # main sets it; restored after the test
+    assert main(["serve", "--remote-image-hosts", "a.example,"]) == 1  # fails before any model loads
+    assert "llavakit serve: error: --remote-image-hosts 'a.example,'" in capsys.readouterr().err

@@ -38,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds per operation of a remote image fetch: connect, each read (default 10)")
     p.add_argument("--remote-total-timeout", type=float, default=30.0,
                    help="seconds for a whole remote image fetch, body included (default 30)")
+    p.add_argument("--remote-image-hosts", default="", metavar="HOST[,HOST...]",
+                   help="fetch remote images only from these hosts (names or IP literals, comma-separated; "
+                        "listed hosts are trusted whatever their addresses). Default: any public host; hosts "
+                        "resolving to private, loopback, link-local or other non-public addresses are refused")
     p.set_defaults(func=run)
 
 
@@ -55,11 +59,24 @@ def config_from_args(args):
         raise FileNotFoundError(f"--local-images-dir {local} is not a directory")
     sources = ImageSources(max_bytes=int(args.max_image_mb * 2**20), local_dir=local,
                            allow_remote=args.allow_remote_images, remote_timeout_s=args.remote_timeout,
-                           remote_total_timeout_s=args.remote_total_timeout)
+                           remote_total_timeout_s=args.remote_total_timeout,
+                           remote_hosts=remote_hosts_from_arg(args.remote_image_hosts))
     return ServeConfig(api_key=args.api_key or None, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                        batch_wait_ms=args.batch_wait_ms, max_images=args.max_images,
                        max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                        default_max_tokens=args.max_tokens, images=sources)
+
+
+def remote_hosts_from_arg(value: str) -> tuple[str, ...]:
+    """`--remote-image-hosts a,b` -> ('a', 'b'), checked; ValueError naming the flag and the bad entry."""
+    from llavakit.serve.images import normalise_host
+
+    if not value.strip():
+        return ()
+    try:
+        return tuple(normalise_host(host) for host in value.split(","))
+    except ValueError as exc:
+        raise ValueError(f"--remote-image-hosts {value!r}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
