@@ -213,6 +213,8 @@ def test_missing_world_is_a_clear_error(tmp_path, capsys):
         (["batch_size=0"], "batch_size must be a positive integer"),
         (["lr=-1"], "lr must be a positive number"),
         (["epochs"], "not KEY=VALUE"),
+        (["patch_init=zca"], "patch_init must be one of random, pca"),
+        (["patch_init=pca", "patch_size=4", "image_size=112"], "patch_init pca needs vision_hidden"),
     ],
 )
 def test_bad_config_names_the_culprit(worlds, tmp_path, capsys, overrides, culprit):
@@ -249,6 +251,26 @@ def test_training_with_hard_batches_runs(worlds, tmp_path):
     assert json.loads((result.out / "train_config.json").read_text())["hard_batch_prob"] == 1.0
     with pytest.raises(ClipConfigError, match="hard_batch_prob"):
         ClipTrainConfig(world="w", out="o", hard_batch_prob=1.5)
+
+
+def test_pca_patch_init_whitens_the_training_patches(worlds, tmp_path):
+    """patch_init pca: channels uncorrelated with variance gain**2 on training patches; the run trains and records it."""
+    from llavakit.train.clip_data import load_world_images
+    from llavakit.train.clip_init import patch_pca_
+
+    pixels, _ = load_world_images(worlds["train"], 32)  # [N, 3, 32, 32]
+    conv = torch.nn.Conv2d(3, 48, 8, 8, bias=False)
+    vals = patch_pca_(conv, pixels, samples=100_000)
+    assert torch.all(vals[:-1] >= vals[1:])  # descending eigenvalues
+    out = conv(normalize(pixels)).permute(0, 2, 3, 1).reshape(-1, 48).double()  # [N*16, 48], every patch
+    cov = torch.cov(out.T)  # [48, 48]
+    assert torch.allclose(cov.diagonal()[:24], torch.full((24,), 0.25, dtype=torch.double), rtol=0.05)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 0.02
+    cfg = ClipTrainConfig(world=str(worlds["train"]), out=str(tmp_path / "pca"),
+                          **{**TINY_MODEL, "max_steps": 4, "batch_size": 8, "evaluate": False, "patch_init": "pca"})
+    result = train_clip(cfg, say=lambda msg: None)
+    assert len(result.losses) == 4 and all(np.isfinite(result.losses))
+    assert json.loads((result.out / "train_config.json").read_text())["patch_init"] == "pca"
 
 
 def test_hard_batches_share_one_value_and_name_the_object():

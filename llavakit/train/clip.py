@@ -64,6 +64,9 @@ class ClipTrainConfig:
     """MLP width / hidden width in both towers."""
     projection_dim: int = 128
     """Width of the shared image-text embedding space."""
+    patch_init: str = "random"
+    """Vision patch embedding at the start: `random` (transformers' init) or `pca` (whitened principal
+    components of the training patches, llavakit/train/clip_init.py)."""
     # tokenizer
     vocab_size: int = 1024
     """Upper bound on the BPE vocabulary (512 byte symbols + merges + 2 specials); training stops early when
@@ -154,6 +157,13 @@ class ClipTrainConfig:
             raise ClipConfigError(f"vision_heads ({self.vision_heads}) must divide vision_hidden ({self.vision_hidden})")
         if self.text_hidden % self.text_heads:
             raise ClipConfigError(f"text_heads ({self.text_heads}) must divide text_hidden ({self.text_hidden})")
+        from llavakit.train.clip_init import PATCH_INITS
+
+        if self.patch_init not in PATCH_INITS:
+            raise ClipConfigError(f"patch_init must be one of {', '.join(PATCH_INITS)}, got {self.patch_init!r}")
+        if self.patch_init == "pca" and self.vision_hidden > 3 * self.patch_size**2:
+            raise ClipConfigError(f"patch_init pca needs vision_hidden ({self.vision_hidden}) <= 3 * patch_size**2 "
+                                  f"({3 * self.patch_size**2}): one component per channel")
         if self.vision_layers < 2:
             raise ClipConfigError("vision_layers must be at least 2 (LLaVA reads layer -2)")
         if self.vocab_size < 520:
@@ -478,6 +488,10 @@ def _train(cfg: ClipTrainConfig, say) -> ClipTrainResult:
     say(f"loaded {len(train)} train / {len(val) if val else 0} val images, vocab {len(tokenizer)} "
         f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
     model = build_model(cfg, tokenizer)
+    if cfg.patch_init == "pca":
+        from llavakit.train.clip_init import patch_pca_
+
+        patch_pca_(model.vision_model.embeddings.patch_embedding, train.pixels, seed=cfg.seed)
     trainer = _Trainer(cfg, out, train, val, model, say, hard_sampler(cfg, train, tokenizer))
     trainer.run()
     seconds = time.perf_counter() - t0

@@ -1,0 +1,43 @@
+"""Stage-0 vision tower initialisation: `ClipTrainConfig.patch_init = "pca"`.
+
+The ViT's patch embedding (a conv with kernel = stride = patch) starts as the top principal components
+of the training set's patches, whitened. A patch's flat colour dominates its variance; whitening brings
+the structure inside it (where an outline runs, corners, stripes) to the same scale, so the first tokens
+already describe it instead of a random mix dominated by colour. Measured on the shape check
+(experiments/encoder_shape_check.py, docs/encoder.md): 14-class shape accuracy after 400 supervised
+steps 0.157 with this init against 0.102 with transformers' default. Written here because no library
+offers a data-dependent patch-embedding init; a few lines of linear algebra. Same shapes: the checkpoint
+stays a plain HF CLIP.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PATCH_INITS = ("random", "pca")
+
+
+@torch.no_grad()
+def patch_pca_(embedding: torch.nn.Conv2d, pixels: torch.Tensor, *, images: int = 2000, samples: int = 20000,
+               seed: int = 0, eps: float = 1e-2, gain: float = 0.5) -> torch.Tensor:
+    """Set `embedding.weight` [D, 3, p, p] to the D top whitened principal components of `pixels`' patches.
+
+    pixels: uint8 [N, 3, S, S] (CLIP-normalised here as the tower sees them). Each output channel then has
+    variance `gain**2` over the sampled patches and the channels are uncorrelated. Returns the eigenvalues
+    used [D] (descending)."""
+    from llavakit.train.clip_data import normalize
+
+    weight = embedding.weight  # [D, 3, p, p]
+    dim, patch = weight.shape[0], weight.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(pixels), generator=gen)[:images]
+    x = normalize(pixels[pick]).unfold(2, patch, patch).unfold(3, patch, patch)  # [n, 3, G, G, p, p]
+    x = x.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * patch * patch)  # [n*G*G, 3*p*p], the conv weight's order
+    if dim > x.shape[1]:
+        raise ValueError(f"patch_init pca needs vision_hidden ({dim}) <= 3 * patch_size**2 ({x.shape[1]})")
+    x = x[torch.randperm(len(x), generator=gen)[:samples]].double()
+    x = x - x.mean(0)
+    vals, vecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending; [K], [K, K]
+    vals, vecs = vals.flip(0)[:dim], vecs.flip(1)[:, :dim]  # [D], [K, D]
+    weight.copy_((gain * vecs / (vals + eps).sqrt()).T.reshape(weight.shape).to(weight.dtype))
+    return vals.float()
