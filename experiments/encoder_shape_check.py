@@ -3,17 +3,24 @@
 A diagnostic for docs/encoder.md (issue #3: the CLIP-trained tower carries colour and count but not
 shape). It takes the CLIP loss out of the question: single-object scenes of the generated world, the
 shape name as a class label (14 classes), cross-entropy, the same pixels the encoder sees (112 px,
-LLaVA `pad`, CLIP normalisation). Two learners on the same data, steps and batches:
+LLaVA `pad`, CLIP normalisation). Learners on the same data, steps and batches:
 
 - `vit`: a transformers `CLIPVisionModel` shaped like configs/clip-world.yaml (patch 14 unless
   --patch), a linear head on the max (or mean) over layer -2 patch tokens (what LLaVA reads);
 - `cnn`: four 3x3 conv + BatchNorm + ReLU blocks with max pooling, a linear head (a reference for
-  how learnable the task is; it cannot be a LLaVA tower in the HF CLIP layout).
+  how learnable the task is; it cannot be a LLaVA tower in the HF CLIP layout);
+- `vitd`: `vit` plus a dense auxiliary loss: every patch token names the shape whose box covers the
+  patch centre, or background.
 
-    python experiments/encoder_shape_check.py --steps 400 [--learners vit,cnn] [--patch 14] [--lr 3e-4]
+Variants: `--init mimetic` (attention init of Trockman & Kolter 2023), `--init pca` (whitened principal
+components of the training patches as the patch embedding; built into llavakit as
+`ClipTrainConfig.patch_init`), and world overrides (`--categories`, `--colors`, `--background-colors`,
+`--backgrounds`) to see which part of the world makes shape slow to learn.
+
+    python experiments/encoder_shape_check.py --steps 400 [--learners vit,vitd,cnn] [--patch 14] [--lr 3e-4]
 
 Prints held-out accuracy every --eval-every steps and writes experiments/results/encoder_shape_check.json.
-Hand-written loop on purpose: a few lines of plain torch, nothing here is reused by llavakit.
+Hand-written loop on purpose: a few lines of plain torch, not part of llavakit.
 """
 
 from __future__ import annotations
@@ -34,21 +41,44 @@ OUT = Path(__file__).resolve().parent / "results"
 WORLD = dict(backgrounds=("plain", "gradient", "noise"), min_objects=1, max_objects=1, text_prob=0.0, chart_prob=0.0)
 
 
-def data(root: Path, train: int, test: int):
-    """(pixels, labels) for a train and a test split of single-object scenes; label = shape index."""
+def data(root: Path, train: int, test: int, world: dict, grid: int):
+    """(pixels, labels, patch labels) for a train and a test split of single-object scenes.
+
+    label = shape index; patch labels [N, grid*grid] = the shape index where the patch centre lies in the
+    object's box (mapped through LLaVA's pad-and-resize), else len(classes) for background.
+    """
     splits = {}
+    extra = {k: v for k, v in world.items() if v}  # world overrides: categories, colors, backgrounds, ...
+    tag = "_".join("-".join(v) for v in extra.values()) or "all"
     for split, n in (("train", train), ("test", test)):
-        out = root / f"single_{split}_{n}"
+        out = root / f"single_{split}_{n}_{tag}"
         if not (out / "world.json").exists():
-            generate_world(WorldConfig(out=out, num_images=n, seed=5, split=split, **WORLD))
+            generate_world(WorldConfig(out=out, num_images=n, seed=5, split=split, **{**WORLD, **extra}))
         px, scenes = load_world_images(out, 112)  # [N, 3, 112, 112] uint8
-        splits[split] = (px, [s["objects"][0]["category"] for s in scenes])
-    classes = sorted(set(splits["train"][1]) | set(splits["test"][1]))
-    return {k: (px, torch.tensor([classes.index(c) for c in names])) for k, (px, names) in splits.items()}, classes
+        splits[split] = (px, scenes)
+    classes = sorted({s["objects"][0]["category"] for _, sc in splits.values() for s in sc})
+    out = {}
+    for k, (px, scenes) in splits.items():
+        y = torch.tensor([classes.index(s["objects"][0]["category"]) for s in scenes])  # [N]
+        out[k] = (px, y, torch.stack([patch_labels(s, y_i, len(classes), grid) for s, y_i in zip(scenes, y.tolist())]))
+    return out, classes
+
+
+def patch_labels(scene: dict, label: int, background: int, grid: int) -> torch.Tensor:
+    """[grid*grid] int64: `label` where a patch centre falls inside the object's box, else `background`."""
+    w, h = scene["width"], scene["height"]
+    side = max(w, h)
+    x, y, bw, bh = scene["objects"][0]["bbox"]
+    x, y = x + (side - w) // 2, y + (side - h) // 2  # box in the padded square
+    centres = (torch.arange(grid) + 0.5) * side / grid  # [G] patch centres in square pixels
+    inside_x = (centres >= x) & (centres <= x + bw)  # [G]
+    inside_y = (centres >= y) & (centres <= y + bh)  # [G]
+    inside = inside_y[:, None] & inside_x[None, :]  # [G, G], row-major like the patch tokens
+    return torch.where(inside, label, background).flatten()  # [G*G]
 
 
 class VitHead(nn.Module):
-    def __init__(self, classes: int, patch: int, pool: str):
+    def __init__(self, classes: int, patch: int, pool: str, init: str = "default"):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -56,10 +86,34 @@ class VitHead(nn.Module):
                                image_size=112, patch_size=patch)
         cfg._attn_implementation = "sdpa"
         self.tower, self.pool, self.head = CLIPVisionModel(cfg), pool, nn.Linear(192, classes)
+        self.dense = nn.Linear(192, classes + 1)  # per-patch shape-or-background head (learner vitd)
+        self.patches = None
+        if "mimetic" in init:
+            mimetic_init(self.tower)
 
     def forward(self, x):
         h = self.tower(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]  # [B, P, D], CLS dropped
+        self.patches = h
         return self.head(h.amax(1) if self.pool == "max" else h.mean(1))  # [B, K]
+
+
+@torch.no_grad()
+def mimetic_init(tower, a1: float = 0.7, b1: float = 0.7, a2: float = 0.4, b2: float = 0.4) -> None:
+    """Trockman & Kolter (2023): W_q W_k^T ~ a1 Z + b1 I and W_v W_o ~ a2 Z - b2 I per layer (same shapes,
+    so the HF CLIP layout is unchanged)."""
+    for layer in tower.encoder.layers:
+        att = layer.self_attn
+        d = att.q_proj.weight.shape[0]
+        for (m1, m2), (a, b) in (((att.q_proj, att.k_proj), (a1, b1)), ((att.v_proj, att.out_proj), (a2, -b2))):
+            target = a * torch.randn(d, d) / d**0.5 + b * torch.eye(d)  # [D, D]
+            u, s, vh = torch.linalg.svd(target)
+            root = s.sqrt()
+            if m2 is att.k_proj:  # q(x)·k(x) = x W_q^T W_k x^T, so W_q^T W_k = target
+                m1.weight.copy_((u * root).T)
+                m2.weight.copy_(root[:, None] * vh)
+            else:  # out(v(x)) = x W_v^T W_o^T, so W_v^T W_o^T = target
+                m1.weight.copy_((u * root).T)
+                m2.weight.copy_((root[:, None] * vh).T)
 
 
 def cnn(classes: int) -> nn.Module:
@@ -80,15 +134,18 @@ def accuracy(model, px, y, batch: int = 200) -> float:
 
 
 def train(name: str, model: nn.Module, splits, args) -> list[dict]:
-    (px, y), (tpx, ty) = splits["train"], splits["test"]
+    (px, y, py), (tpx, ty, _) = splits["train"], splits["test"]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
-    warm = min(100, args.steps // 10)
+    warm = max(1, min(100, args.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
     g, t0, log = torch.Generator().manual_seed(0), time.perf_counter(), []
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(y), (args.batch,), generator=g)  # [B]
         loss = nn.functional.cross_entropy(model(normalize(px[idx])), y[idx])
+        if name == "vitd":  # dense auxiliary loss: every patch token names the shape covering it (or background)
+            dense = model.dense(model.patches)  # [B, P, K+1]
+            loss = loss + args.dense_weight * nn.functional.cross_entropy(dense.flatten(0, 1), py[idx].flatten())
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -109,7 +166,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--patch", type=int, default=14)
     p.add_argument("--pool", choices=("max", "mean"), default="max")
-    p.add_argument("--learners", default="vit,cnn")
+    p.add_argument("--learners", default="vit,cnn", help="comma list of vit, vitd (vit + dense patch loss), cnn")
+    p.add_argument("--init", choices=("default", "mimetic", "pca", "pca+mimetic"), default="default",
+                   help="ViT init: mimetic attention, whitened-PCA patch embedding, or both")
+    p.add_argument("--dense-weight", type=float, default=1.0)
+    p.add_argument("--categories", default="", help="comma list of shape names (default: all)")
+    p.add_argument("--colors", default="", help="comma list of object colours (default: all)")
+    p.add_argument("--background-colors", default="", help="comma list of background colours (default: all)")
+    p.add_argument("--backgrounds", default="", help="comma list of background kinds (default: plain,gradient,noise)")
     p.add_argument("--train-images", type=int, default=6000)
     p.add_argument("--test-images", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=100)
@@ -118,11 +182,17 @@ def main() -> None:
     p.add_argument("--out", default=str(OUT / "encoder_shape_check.json"), help="result JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    splits, classes = data(Path(args.work), args.train_images, args.test_images)
+    world = {k: tuple(v.split(",")) if v else None for k, v in (("categories", args.categories), ("colors", args.colors),
+             ("background_colors", args.background_colors), ("backgrounds", args.backgrounds))}
+    splits, classes = data(Path(args.work), args.train_images, args.test_images, world, 112 // args.patch)
     runs = {}
     for name in args.learners.split(","):
         torch.manual_seed(0)
-        model = VitHead(len(classes), args.patch, args.pool) if name == "vit" else cnn(len(classes))
+        model = VitHead(len(classes), args.patch, args.pool, args.init) if name.startswith("vit") else cnn(len(classes))
+        if name.startswith("vit") and "pca" in args.init:
+            from llavakit.train.clip_init import patch_pca_
+
+            patch_pca_(model.tower.embeddings.patch_embedding, splits["train"][0])
         runs[name] = train(name, model, splits, args)
     result = {"args": vars(args), "classes": classes, "chance": 1 / len(classes), "runs": runs}
     path = Path(args.out)
