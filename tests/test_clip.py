@@ -214,6 +214,7 @@ def test_missing_world_is_a_clear_error(tmp_path, capsys):
         (["lr=-1"], "lr must be a positive number"),
         (["epochs"], "not KEY=VALUE"),
         (["patch_init=zca"], "patch_init must be one of random, pca"),
+        (["category_loss_weight=-1"], "category_loss_weight must be >= 0"),
         (["patch_init=pca", "patch_size=4", "image_size=112"], "patch_init pca needs vision_hidden"),
     ],
 )
@@ -271,6 +272,31 @@ def test_pca_patch_init_whitens_the_training_patches(worlds, tmp_path):
     result = train_clip(cfg, say=lambda msg: None)
     assert len(result.losses) == 4 and all(np.isfinite(result.losses))
     assert json.loads((result.out / "train_config.json").read_text())["patch_init"] == "pca"
+
+
+def test_category_loss_trains_a_head_beside_the_clip_loss(worlds, tmp_path):
+    """category_loss_weight > 0: the multi-label category loss is logged and falls; the checkpoint is plain CLIP."""
+    from transformers import CLIPModel
+
+    from llavakit.train.clip import CategoryHead
+
+    cfg = ClipTrainConfig(world=str(worlds["train"]), out=str(tmp_path / "cat"),
+                          **{**TINY_MODEL, "max_steps": 40, "evaluate": False, "category_loss_weight": 1.0})
+    result = train_clip(cfg, say=lambda msg: None)
+    records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    category = [r["category_loss"] for r in records if "category_loss" in r]
+    assert len(category) == 40 and np.mean(category[-10:]) < np.mean(category[:10]) - 0.05, category
+    assert all(np.isfinite(result.losses))
+    model = CLIPModel.from_pretrained(result.out)  # no extra weights in the checkpoint
+    assert model.vision_model.config.hidden_size == TINY_MODEL["vision_hidden"]
+    scenes = load_scenes(worlds["train"])
+    head = CategoryHead.build(cfg, scenes, 8)
+    assert head.names == ["circle", "square", "triangle"]
+    first = {o["category"] for o in scenes[0]["objects"]}
+    assert [n for n, v in zip(head.names, head.targets[0].tolist()) if v] == sorted(first)
+    one = [{**sc, "objects": [o for o in sc["objects"] if o["category"] == "circle"]} for sc in scenes]
+    with pytest.raises(ClipConfigError, match="at least two object categories"):
+        CategoryHead.build(cfg, one, 8)
 
 
 def test_hard_batches_share_one_value_and_name_the_object():

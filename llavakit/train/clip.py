@@ -94,6 +94,10 @@ class ClipTrainConfig:
     """AdamW epsilon (CLIP's)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 turns it off)."""
+    category_loss_weight: float = 0.0
+    """Weight of an auxiliary loss beside the CLIP loss: a linear head on the max over the layer -2 patch tokens
+    (what LLaVA reads) predicts which object categories the image holds (multi-label, from the world's scene
+    graph, i.e. its COCO annotations). The head is not part of the saved CLIP checkpoint. 0: CLIP loss alone."""
     hard_batch_prob: float = 0.0
     """Fraction of steps that use a grouped hard-negative batch instead of a random one: images sharing one
     colour (or shape), each paired with a caption about that object alone, so shape and position must be
@@ -178,6 +182,8 @@ class ClipTrainConfig:
             raise ClipConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise ClipConfigError("weight_decay and grad_clip must be >= 0 and eps > 0")
+        if not (self.category_loss_weight >= 0 and math.isfinite(self.category_loss_weight)):
+            raise ClipConfigError(f"category_loss_weight must be >= 0, got {self.category_loss_weight!r}")
         if not (0.0 <= self.hard_batch_prob <= 1.0):
             raise ClipConfigError(f"hard_batch_prob must be in [0, 1], got {self.hard_batch_prob!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -250,12 +256,14 @@ def count_params(model) -> dict[str, int]:
     return {"vision": n(model.vision_model), "text": n(model.text_model), "total": n(model)}
 
 
-def make_optimizer(model, cfg: ClipTrainConfig, total_steps: int):
-    """AdamW (no decay on biases, norms, logit_scale) and a warm-up + cosine LambdaLR."""
+def make_optimizer(model, cfg: ClipTrainConfig, total_steps: int, extra=None):
+    """AdamW (no decay on biases, norms, logit_scale) and a warm-up + cosine LambdaLR; `extra`: another module
+    trained alongside (the category head)."""
     import torch
 
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    params = [*model.parameters(), *(extra.parameters() if extra is not None else [])]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
@@ -334,6 +342,41 @@ def log_line(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class CategoryHead:
+    """The auxiliary category loss (`category_loss_weight`): which categories each training image holds."""
+
+    def __init__(self, names: list[str], targets, head) -> None:
+        self.names, self.targets, self.head = names, targets, head  # targets: [N, K] float multi-hot
+
+    @classmethod
+    def build(cls, cfg: ClipTrainConfig, scenes: list[dict], width: int) -> CategoryHead | None:
+        import torch
+
+        if cfg.category_loss_weight <= 0:
+            return None
+        names = sorted({o["category"] for s in scenes for o in s["objects"]})
+        if len(names) < 2:
+            raise ClipConfigError(f"category_loss_weight needs at least two object categories in the world, "
+                                  f"found {names}")
+        index = {n: i for i, n in enumerate(names)}
+        targets = torch.zeros(len(scenes), len(names))  # [N, K]
+        for row, scene in enumerate(scenes):
+            for obj in scene["objects"]:
+                targets[row, index[obj["category"]]] = 1.0
+        torch.manual_seed(cfg.seed + 2)
+        return cls(names, targets, torch.nn.Linear(width, len(names)))
+
+    def parameters(self):
+        return self.head.parameters()
+
+    def loss(self, patches, images):
+        """Mean binary cross-entropy of the head on the max over patches. patches: [B, P, D]; images: [B]."""
+        import torch
+
+        logits = self.head(patches.amax(1))  # [B, K]
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, self.targets[images])
+
+
 class _Trainer:
     """The training loop's state: model, optimiser, data, logs."""
 
@@ -343,12 +386,14 @@ class _Trainer:
         self.cfg, self.out, self.train, self.val, self.say = cfg, out, train, val, say
         self.hard = hard  # a HardBatchSampler when cfg.hard_batch_prob > 0
         self.model = model
+        self.categories = CategoryHead.build(cfg, train.scenes, model.config.vision_config.hidden_size)
         self.forward = torch.compile(model) if cfg.compile else model
         per_epoch = len(train) // cfg.batch_size
         self.total = cfg.max_steps or cfg.epochs * per_epoch
-        self.opt, self.sched = make_optimizer(model, cfg, self.total)
+        self.opt, self.sched = make_optimizer(model, cfg, self.total, self.categories)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.losses: list[float] = []
+        self.category_losses: list[float] = []
         self.val_losses: list[tuple[int, float]] = []
         self.metrics = out / METRICS_FILE
         self.start = time.perf_counter()
@@ -356,16 +401,25 @@ class _Trainer:
     def step(self, batch: dict) -> float:
         import torch
 
-        out = self.forward(**batch, return_loss=True)
-        out.loss.backward()
+        images = batch.pop("images")  # [B] indices into the training world
+        heads = self.categories is not None
+        out = self.forward(**batch, return_loss=True, output_hidden_states=heads)
+        loss = out.loss
+        if heads:
+            patches = out.vision_model_output.hidden_states[-2][:, 1:]  # [B, P, D], CLS dropped
+            category = self.categories.loss(patches, images)
+            self.category_losses.append(category.item())
+            loss = loss + self.cfg.category_loss_weight * category
+        loss.backward()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            params = [*self.model.parameters(), *(self.categories.parameters() if heads else [])]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100.0))  # CLIP's temperature cap
-        return out.loss.item()
+        return out.loss.item()  # the CLIP loss: comparable across runs with and without the category head
 
     def next_batch(self, idx) -> dict:
         """A grouped hard batch with probability hard_batch_prob, else the random batch `idx`."""
@@ -375,8 +429,8 @@ class _Trainer:
 
         if self.hard is not None and torch.rand((), generator=self.gen).item() < self.cfg.hard_batch_prob:
             images, input_ids = self.hard.draw()  # [B], [B, L]
-            return {"pixel_values": normalize(self.train.pixels[images]), "input_ids": input_ids}
-        return batch_inputs(self.train, idx, None, self.gen)
+            return {"pixel_values": normalize(self.train.pixels[images]), "input_ids": input_ids, "images": images}
+        return {**batch_inputs(self.train, idx, None, self.gen), "images": idx}
 
     def run(self) -> None:
         step = 0
@@ -398,8 +452,13 @@ class _Trainer:
             record = {"step": step, "epoch": round(epoch, 3), "loss": sum(recent) / len(recent),
                       "lr": self.sched.get_last_lr()[0], "logit_scale": self.model.logit_scale.exp().item(),
                       "elapsed_s": round(elapsed, 2), "samples_per_s": round(step * cfg.batch_size / elapsed, 1)}  # fmt: skip
+            extra = ""
+            if self.category_losses:
+                cat = self.category_losses[-cfg.log_every :]
+                record["category_loss"] = sum(cat) / len(cat)
+                extra = f" category {record['category_loss']:.4f}"
             log_line(self.metrics, record)
-            self.say(f"step {step}/{self.total} epoch {epoch:.2f} loss {record['loss']:.4f} "
+            self.say(f"step {step}/{self.total} epoch {epoch:.2f} loss {record['loss']:.4f}{extra} "
                      f"lr {record['lr']:.2e} {record['samples_per_s']:.0f} samples/s")  # fmt: skip
         if self.val is not None and cfg.eval_every and step % cfg.eval_every == 0:
             self.validate(step)
