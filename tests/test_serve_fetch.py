@@ -313,11 +313,15 @@ def test_cli_flag_sets_the_remote_hosts(capsys, monkeypatch):
                                       "--remote-image-hosts", "127.0.0.1,Images.Example.com,[::1]"])
     assert config_from_args(args).images.remote_hosts == ("127.0.0.1", "images.example.com", "::1")
     assert config_from_args(build_parser().parse_args(["serve"])).images.remote_hosts == ()
-    bad = build_parser().parse_args(["serve", "--remote-image-hosts", "127.0.0.1,http://evil.example"])
+    alone = build_parser().parse_args(["serve", "--remote-image-hosts", "127.0.0.1"])
+    with pytest.raises(ValueError, match="--remote-image-hosts has no effect without --allow-remote-images"):
+        config_from_args(alone)
+    bad = build_parser().parse_args(["serve", "--allow-remote-images", "--remote-image-hosts",
+                                     "127.0.0.1,http://evil.example"])
     with pytest.raises(ValueError, match="--remote-image-hosts '127.0.0.1,http://evil.example': remote image host "
                                          "'http://evil.example' must be a bare host name"):
         config_from_args(bad)
     monkeypatch.setenv("LLAVAKIT_DEBUG", "0")  # main prints the error instead of raising it
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")  # main sets it; restored after the test
-    assert main(["serve", "--remote-image-hosts", "a.example,"]) == 1  # fails before any model loads
+    assert main(["serve", "--allow-remote-images", "--remote-image-hosts", "a.example,"]) == 1  # before any model loads
     assert "llavakit serve: error: --remote-image-hosts 'a.example,'" in capsys.readouterr().err

@@ -57,6 +57,9 @@ def config_from_args(args):
     local = Path(args.local_images_dir) if args.local_images_dir else None
     if local is not None and not local.is_dir():
         raise FileNotFoundError(f"--local-images-dir {local} is not a directory")
+    if args.remote_image_hosts.strip() and not args.allow_remote_images:
+        raise ValueError("--remote-image-hosts has no effect without --allow-remote-images (remote image URLs are "
+                         "off by default); add --allow-remote-images or drop --remote-image-hosts")
     sources = ImageSources(max_bytes=int(args.max_image_mb * 2**20), local_dir=local,
                            allow_remote=args.allow_remote_images, remote_timeout_s=args.remote_timeout,
                            remote_total_timeout_s=args.remote_total_timeout,
