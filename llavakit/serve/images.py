@@ -156,34 +156,35 @@ async def _fetch(url: str, where: str, sources: ImageSources, deadline: float) -
                         f"the last pointed to {current}")
 
 
+def _http_url(make, invalid: str, not_http: str):
+    """`make()` (an httpx.URL) if it is an http(s) URL with a host; else ImageURLError `invalid: <why>` / `not_http`."""
+    import httpx
+
+    try:
+        url = make()
+    except httpx.InvalidURL as exc:
+        raise ImageURLError(f"{invalid}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ImageURLError(not_http)
+    return url
+
+
 def _parse_url(url: str, where: str):
     """`url` as an httpx.URL with an http(s) scheme and a host."""
     import httpx
 
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise ImageURLError(f"{where}: invalid URL {url!r}: {exc}") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ImageURLError(f"{where}: {url!r} is not an http(s) URL with a host")
-    return parsed
+    return _http_url(lambda: httpx.URL(url), f"{where}: invalid URL {url!r}",
+                     f"{where}: {url!r} is not an http(s) URL with a host")
 
 
 def _redirect_target(resp, current, where: str):
     """Where a redirect response points, resolved against `current`; only http(s) with a host."""
-    import httpx
-
     location = resp.headers.get("location")
     if not location:
         raise ImageURLError(f"{where}: fetching {current} returned HTTP {resp.status_code} (a redirect) "
                             "without a Location header")
-    try:
-        target = current.join(location)
-    except httpx.InvalidURL as exc:
-        raise ImageURLError(f"{where}: {current} redirected to an invalid URL {location!r}: {exc}") from None
-    if target.scheme not in ("http", "https") or not target.host:
-        raise ImageURLError(f"{where}: {current} redirected to {location!r}, which is not an http(s) URL with a host")
-    return target
+    return _http_url(lambda: current.join(location), f"{where}: {current} redirected to an invalid URL {location!r}",
+                     f"{where}: {current} redirected to {location!r}, which is not an http(s) URL with a host")
 
 
 async def _check_host(url, where: str, sources: ImageSources, came_from: str = "") -> None:
