@@ -29,6 +29,9 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
 
 
+PATCH_INITS = ("random", "pca")  # ClipTrainConfig.patch_init; pca: llavakit/train/clip_init.py
+
+
 class ClipConfigError(ValueError):
     """A `ClipTrainConfig` value or key is invalid; the message names it."""
 
@@ -163,8 +166,6 @@ class ClipTrainConfig:
             raise ClipConfigError(f"vision_heads ({self.vision_heads}) must divide vision_hidden ({self.vision_hidden})")
         if self.text_hidden % self.text_heads:
             raise ClipConfigError(f"text_heads ({self.text_heads}) must divide text_hidden ({self.text_hidden})")
-        from llavakit.train.clip_init import PATCH_INITS
-
         if self.patch_init not in PATCH_INITS:
             raise ClipConfigError(f"patch_init must be one of {', '.join(PATCH_INITS)}, got {self.patch_init!r}")
         if self.patch_init == "pca" and self.vision_hidden > 3 * self.patch_size**2:

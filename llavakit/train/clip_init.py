@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import torch
 
-PATCH_INITS = ("random", "pca")
-
-
 @torch.no_grad()
 def patch_pca_(embedding: torch.nn.Conv2d, pixels: torch.Tensor, *, images: int = 2000, samples: int = 20000,
                seed: int = 0, eps: float = 1e-2, gain: float = 0.5) -> torch.Tensor:
