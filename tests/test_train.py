@@ -17,7 +17,7 @@ from PIL import Image
 
 from llavakit.cli import main
 from llavakit.model.io import load_model
-from llavakit.train.config import TrainConfig
+from llavakit.train.config import ConfigError, TrainConfig
 from llavakit.train.synthetic import write_dataset
 from llavakit.train.trainer import train
 
@@ -233,6 +233,28 @@ def test_killed_run_resumes_exactly(aligned, squares, tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
     steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert steps == list(range(1, 11))  # each step once: the killed run's step 5 was dropped on resume
+
+
+def test_resume_before_the_first_checkpoint_starts_over_in_place(aligned, squares, tmp_path):
+    """A run stopped before its first checkpoint leaves config.yaml and a few metrics: --resume starts it again."""
+    cfg = config("instruct", aligned, tmp_path / "whole", squares["qa"], squares["images"],
+                 optim={"max_steps": 3}, data={"eval_size": 8})
+    whole = train(cfg)
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints" / ".tmp-step-2").mkdir(parents=True)  # a checkpoint the stop cut short
+    again = TrainConfig.from_dict({**cfg.to_dict(), "out": str(stopped)})
+    (stopped / "config.yaml").write_text(again.to_yaml())
+    (stopped / "metrics.jsonl").write_text('{"step": 0, "kind": "eval", "loss": 9.0}\n{"step": 1, "kind": "train"}\n')
+    with pytest.raises(ConfigError, match="not empty"):
+        train(again)
+    resumed = train(again, resume=True)
+    a, b = report(whole), report(resumed)
+    assert b["steps"] == 3 and b["final_loss"] == pytest.approx(a["final_loss"], abs=1e-6)
+    records = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert 9.0 not in [r.get("loss") for r in records]  # the stopped start's records are gone
+    with pytest.raises(FileNotFoundError, match="holds no training run"):
+        train(TrainConfig.from_dict({**cfg.to_dict(), "out": str(tmp_path / "empty")}), resume=True)
 
 
 def test_feature_cache_gives_the_same_losses(tiny_model_dir, squares, tmp_path):

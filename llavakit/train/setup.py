@@ -109,6 +109,7 @@ class Run:
     metrics: object = None
     progress: object = None
     resumed_from: int | None = None
+    restarted: bool = False  # --resume found no checkpoint: starting in place from step 0
     truncation: Truncation | None = None
 
     @property
@@ -132,9 +133,12 @@ def check_out_dir(cfg: TrainConfig, resume: bool) -> Path:
         raise ConfigError("out: no output dir (set `out:` in the config or pass --out)")
     out = Path(cfg.out)
     if resume:
-        if ckpt.latest(out / "checkpoints") is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+        if not (out / "config.yaml").is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no training run (no config.yaml)")
         check_same_config(cfg, out / "config.yaml")
+        if ckpt.latest(out / "checkpoints") is None:  # stopped before its first checkpoint: nothing to keep
+            print(f"--resume: no complete checkpoint under {out / 'checkpoints'} yet; starting {out} from step 0",
+                  flush=True)
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"out: {out} exists and is not empty (use --resume to continue it, or a new --out)")
     return out
@@ -349,8 +353,10 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     accelerator.register_for_checkpointing(run.scheduler)
     if accelerator.distributed_type.value not in ("DEEPSPEED", "FSDP"):
         ckpt.install_trainable_only(accelerator, run.module)
-    if resume:
+    if resume and ckpt.latest(out / "checkpoints") is not None:
         restore(run)
+    elif resume:
+        run.restarted = True
     return run
 
 

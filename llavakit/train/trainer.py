@@ -274,7 +274,8 @@ def _train(cfg: TrainConfig, resume: bool) -> Path:
         (run.out / "config.yaml").write_text(cfg.to_yaml())
         if cfg.data.truncate:
             print(run.truncation.line(), flush=True)
-    run.metrics = Metrics(run.out, enabled=run.is_main, tensorboard=cfg.log.tensorboard, resume_step=run.resumed_from)
+    resume_step = -1 if run.restarted else run.resumed_from  # -1: a restart keeps none of the stopped start's records
+    run.metrics = Metrics(run.out, enabled=run.is_main, tensorboard=cfg.log.tensorboard, resume_step=resume_step)
     run.progress = Progress(run.total_steps, run.state.step, enabled=run.is_main and cfg.log.progress)
     if cfg.eval.at_start and run.state.step == 0:
         log_eval(run)
