@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +75,33 @@ def test_save_load_round_trip(tiny_model_dir, tmp_path):
         b = again.model(input_ids=ids, pixel_values=pixels, labels=labels)
     assert torch.equal(a.logits, b.logits) and a.loss.item() == b.loss.item()
     assert again.template == lm.template and again.meta == lm.meta
+
+
+def test_saving_over_a_model_replaces_it_and_a_failed_save_keeps_it(tiny_model_dir, tmp_path, monkeypatch):
+    import llavakit.model.io as io
+
+    lm = load_model(tiny_model_dir)
+    out = io.save_model(lm.model, lm.tokenizer, lm.image_processor, tmp_path / "m", has_cls=io.has_cls_token(lm.model.config))
+    bias = lm.model.model.multi_modal_projector.linear_1.bias
+    with torch.no_grad():
+        bias += 1.0
+    io.save_model(lm.model, lm.tokenizer, lm.image_processor, out, has_cls=io.has_cls_token(lm.model.config))
+    assert torch.equal(load_model(out).model.model.multi_modal_projector.linear_1.bias, bias)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp or old copy left beside it
+    real = os.replace
+
+    def fail_moving_in(src, dst):
+        if Path(dst) == out and not str(src).endswith(".old"):
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", fail_moving_in)
+    with torch.no_grad():
+        bias += 1.0
+    with pytest.raises(OSError, match="disk full"):
+        io.save_model(lm.model, lm.tokenizer, lm.image_processor, out, has_cls=io.has_cls_token(lm.model.config))
+    assert torch.equal(load_model(out).model.model.multi_modal_projector.linear_1.bias, bias - 1.0)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
 def test_checkpoint_records_its_config(tiny_model_dir):

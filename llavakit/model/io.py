@@ -60,11 +60,20 @@ def save_model(model, tokenizer, image_processor, out: str | Path, *, has_cls: b
         _set_architecture(tmp / "config.json")
         build_processor(tokenizer, image_processor, model.config, template, has_cls).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        old = None
         if out.exists():
             if any(out.iterdir()) and not (out / "config.json").is_file():
                 raise FileExistsError(f"{out} exists and is not a model dir; refusing to replace it")
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            old = tmp.with_name(tmp.name + ".old")  # moved aside, not deleted, until the new one is in place:
+            os.replace(out, old)  # a kill between the two renames leaves both copies on disk
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)  # the old model back where it was
+            raise
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
