@@ -167,8 +167,10 @@ def main() -> None:
     p.add_argument("--patch", type=int, default=14)
     p.add_argument("--pool", choices=("max", "mean"), default="max")
     p.add_argument("--learners", default="vit,cnn", help="comma list of vit, vitd (vit + dense patch loss), cnn")
-    p.add_argument("--init", choices=("default", "mimetic", "pca", "pca+mimetic"), default="default",
-                   help="ViT init: mimetic attention, whitened-PCA patch embedding, or both")
+    p.add_argument("--init", choices=("default", "mimetic", "pca", "pca+mimetic", "luma"), default="default",
+                   help="ViT init: mimetic attention, whitened-PCA patch embedding, both, or luma (zero-DC luminance PCA "
+                        "filters shared across RGB on --luma-dims outputs)")
+    p.add_argument("--luma-dims", type=int, default=128, help="outputs of the patch embedding given luma filters")
     p.add_argument("--dense-weight", type=float, default=1.0)
     p.add_argument("--categories", default="", help="comma list of shape names (default: all)")
     p.add_argument("--colors", default="", help="comma list of object colours (default: all)")
@@ -193,6 +195,10 @@ def main() -> None:
             from llavakit.train.clip_init import patch_pca_
 
             patch_pca_(model.tower.embeddings.patch_embedding, splits["train"][0])
+        if name.startswith("vit") and args.init == "luma":
+            from llavakit.train.clip_init import patch_luma_
+
+            patch_luma_(model.tower.embeddings.patch_embedding, splits["train"][0], dims=args.luma_dims)
         runs[name] = train(name, model, splits, args)
     result = {"args": vars(args), "classes": classes, "chance": 1 / len(classes), "runs": runs}
     path = Path(args.out)

@@ -214,7 +214,8 @@ def test_missing_world_is_a_clear_error(tmp_path, capsys):
         (["batch_size=0"], "batch_size must be a positive integer"),
         (["lr=-1"], "lr must be a positive number"),
         (["epochs"], "not KEY=VALUE"),
-        (["patch_init=zca"], "patch_init must be one of random, pca"),
+        (["patch_init=zca"], "patch_init must be one of random, pca, luma"),
+        (["patch_init=luma", "patch_size=4", "image_size=112"], "patch_init luma gives 128 outputs outline filters"),
         (["category_loss_weight=-1"], "category_loss_weight must be >= 0"),
         (["patch_init=pca", "patch_size=4", "image_size=112"], "patch_init pca needs vision_hidden"),
     ],
@@ -273,6 +274,39 @@ def test_pca_patch_init_whitens_the_training_patches(worlds, tmp_path):
     result = train_clip(cfg, say=lambda msg: None)
     assert len(result.losses) == 4 and all(np.isfinite(result.losses))
     assert json.loads((result.out / "train_config.json").read_text())["patch_init"] == "pca"
+
+
+def test_luma_patch_init_gives_colour_blind_outline_filters(worlds, tmp_path):
+    """patch_init luma: on its outputs a flat patch of any colour gives 0, and one outline in two colour pairs gives
+    the same direction (up to sign and scale); the other outputs keep their init; the run trains and records it."""
+    from llavakit.train.clip_data import load_world_images
+    from llavakit.train.clip_init import patch_luma_
+
+    pixels, _ = load_world_images(worlds["train"], 32)  # [N, 3, 32, 32]
+    conv = torch.nn.Conv2d(3, 48, 8, 8, bias=False)
+    before = conv.weight[32:].clone()
+    patch_luma_(conv, pixels, dims=32)
+    assert torch.equal(conv.weight[32:], before)
+    mask = torch.zeros(8, 8)
+    mask[2:6, 1:7] = 1.0  # an outline inside the patch
+
+    def code(fg, bg):  # [32] luma outputs for colour fg drawn over bg
+        patch = torch.tensor(bg)[:, None, None] + (torch.tensor(fg) - torch.tensor(bg))[:, None, None] * mask
+        return conv(normalize((patch * 255).round().to(torch.uint8)[None]))[0, :32, 0, 0]
+
+    flat = conv(normalize(torch.full((2, 3, 8, 8), 200, dtype=torch.uint8)))[:, :32]  # [2, 32, 1, 1]
+    assert flat.abs().max() < 1e-4
+    a, b = code([1.0, 0.1, 0.1], [0.9, 0.9, 0.9]), code([0.1, 0.8, 0.2], [0.1, 0.1, 0.1])  # darker / brighter object
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() < -0.999 and min(a.norm(), b.norm()) > 0.1
+    # the limit, why a third of the outputs stay random: equal-luminance pairs (red on blue here) give almost nothing
+    assert code([1.0, 0.1, 0.1], [0.1, 0.2, 0.9]).norm() < 0.1 * a.norm()
+    with pytest.raises(ValueError, match="luma dims"):
+        patch_luma_(conv, pixels, dims=64)
+    cfg = ClipTrainConfig(world=str(worlds["train"]), out=str(tmp_path / "luma"),
+                          **{**TINY_MODEL, "max_steps": 4, "batch_size": 8, "evaluate": False, "patch_init": "luma"})
+    result = train_clip(cfg, say=lambda msg: None)
+    assert len(result.losses) == 4 and all(np.isfinite(result.losses))
+    assert json.loads((result.out / "train_config.json").read_text())["patch_init"] == "luma"
 
 
 def test_category_loss_trains_a_head_beside_the_clip_loss(worlds, tmp_path):

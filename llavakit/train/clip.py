@@ -29,7 +29,8 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
 
 
-PATCH_INITS = ("random", "pca")  # ClipTrainConfig.patch_init; pca: llavakit/train/clip_init.py
+PATCH_INITS = ("random", "pca", "luma")  # ClipTrainConfig.patch_init; pca, luma: llavakit/train/clip_init.py
+LUMA_SHARE = 2 / 3  # patch_init luma: share of the patch embedding's outputs given outline filters (rest: colour)
 
 
 class ClipConfigError(ValueError):
@@ -68,8 +69,10 @@ class ClipTrainConfig:
     projection_dim: int = 128
     """Width of the shared image-text embedding space."""
     patch_init: str = "random"
-    """Vision patch embedding at the start: `random` (transformers' init) or `pca` (whitened principal
-    components of the training patches, llavakit/train/clip_init.py)."""
+    """Vision patch embedding at the start: `random` (transformers' init), `pca` (whitened principal
+    components of the training patches) or `luma` (two thirds of the outputs: colour-blind outline filters,
+    whitened components of the patches' luminance applied alike to R, G and B; the rest random). Both in
+    llavakit/train/clip_init.py."""
     # tokenizer
     vocab_size: int = 1024
     """Upper bound on the BPE vocabulary (512 byte symbols + merges + 2 specials); training stops early when
@@ -159,6 +162,11 @@ class ClipTrainConfig:
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
             raise ClipConfigError(f"max_steps must be a positive integer or null, got {self.max_steps!r}")
 
+    @property
+    def luma_dims(self) -> int:
+        """patch_init luma: how many patch-embedding outputs start as outline filters."""
+        return round(LUMA_SHARE * self.vision_hidden)
+
     def _check_model(self) -> None:
         if self.image_size % self.patch_size:
             raise ClipConfigError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
@@ -171,6 +179,9 @@ class ClipTrainConfig:
         if self.patch_init == "pca" and self.vision_hidden > 3 * self.patch_size**2:
             raise ClipConfigError(f"patch_init pca needs vision_hidden ({self.vision_hidden}) <= 3 * patch_size**2 "
                                   f"({3 * self.patch_size**2}): one component per channel")
+        if self.patch_init == "luma" and not 0 < self.luma_dims < self.patch_size**2:
+            raise ClipConfigError(f"patch_init luma gives {self.luma_dims} outputs outline filters (2/3 of vision_hidden "
+                                  f"{self.vision_hidden}); it needs 1 to patch_size**2 - 1 ({self.patch_size**2 - 1})")
         if self.vision_layers < 2:
             raise ClipConfigError("vision_layers must be at least 2 (LLaVA reads layer -2)")
         if self.vocab_size < 520:
@@ -239,6 +250,17 @@ def clip_config(cfg: ClipTrainConfig, tokenizer):
         image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.projection_dim,
     )  # fmt: skip
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim)
+
+
+def init_patch_embedding(cfg: ClipTrainConfig, model, pixels: torch.Tensor) -> None:
+    """Apply `cfg.patch_init` to the vision patch embedding (random: keep transformers' init)."""
+    from llavakit.train.clip_init import patch_luma_, patch_pca_
+
+    conv = model.vision_model.embeddings.patch_embedding
+    if cfg.patch_init == "pca":
+        patch_pca_(conv, pixels, seed=cfg.seed)
+    elif cfg.patch_init == "luma":
+        patch_luma_(conv, pixels, dims=cfg.luma_dims, seed=cfg.seed)
 
 
 def build_model(cfg: ClipTrainConfig, tokenizer):
@@ -550,10 +572,7 @@ def _train(cfg: ClipTrainConfig, say) -> ClipTrainResult:
     say(f"loaded {len(train)} train / {len(val) if val else 0} val images, vocab {len(tokenizer)} "
         f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
     model = build_model(cfg, tokenizer)
-    if cfg.patch_init == "pca":
-        from llavakit.train.clip_init import patch_pca_
-
-        patch_pca_(model.vision_model.embeddings.patch_embedding, train.pixels, seed=cfg.seed)
+    init_patch_embedding(cfg, model, train.pixels)
     trainer = _Trainer(cfg, out, train, val, model, say, hard_sampler(cfg, train, tokenizer))
     trainer.run()
     seconds = time.perf_counter() - t0

@@ -38,3 +38,33 @@ def patch_pca_(embedding: torch.nn.Conv2d, pixels: torch.Tensor, *, images: int 
     vals, vecs = vals.flip(0)[:dim], vecs.flip(1)[:, :dim]  # [D], [K, D]
     weight.copy_((gain * vecs / (vals + eps).sqrt()).T.reshape(weight.shape).to(weight.dtype))
     return vals.float()
+
+
+@torch.no_grad()
+def patch_luma_(embedding: torch.nn.Conv2d, pixels: torch.Tensor, *, dims: int, images: int = 2000,
+                samples: int = 20000, seed: int = 0, eps: float = 1e-2, gain: float = 0.5) -> torch.Tensor:
+    """Set the first `dims` outputs of `embedding.weight` [D, 3, p, p] to colour-blind outline filters.
+
+    Each such filter is one whitened principal component of the patches' luminance with the patch's own
+    mean removed, applied equally to R, G and B. A patch holding colour f on colour b over mask m then gives
+    (f - b)·(w·m) summed over channels: the outline's code times one signed contrast, the same direction for
+    every colour pair up to sign and scale (which the first LayerNorm removes). The other outputs keep
+    transformers' random init and carry colour. Returns the eigenvalues used [dims]."""
+    from llavakit.train.clip_data import normalize
+
+    weight = embedding.weight  # [D, 3, p, p]
+    patch = weight.shape[-1]
+    if not 0 < dims <= min(weight.shape[0], patch * patch - 1):
+        raise ValueError(f"patch_init luma needs 0 < luma dims <= min(vision_hidden, patch_size**2 - 1), got {dims}")
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(pixels), generator=gen)[:images]
+    x = normalize(pixels[pick]).mean(1).unfold(1, patch, patch).unfold(2, patch, patch)  # [n, G, G, p, p] luminance
+    x = x.reshape(-1, patch * patch)  # [n*G*G, p*p]
+    x = x[torch.randperm(len(x), generator=gen)[:samples]].double()
+    x = x - x.mean(1, keepdim=True)  # each patch's own flat level removed: filters are blind to it
+    vals, vecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending; [p*p], [p*p, p*p]
+    vals, vecs = vals.flip(0)[:dims], vecs.flip(1)[:, :dims]  # [dims], [p*p, dims]
+    vecs = vecs - vecs.mean(0, keepdim=True)  # exactly zero-sum spatially
+    filters = (gain * vecs / (vals + eps).sqrt()).T / 3  # [dims, p*p]; /3: the same filter on each of 3 channels
+    weight[:dims] = filters.reshape(dims, 1, patch, patch).expand(dims, 3, patch, patch).to(weight.dtype)
+    return vals.float()
