@@ -14,8 +14,10 @@ LLaVA `pad`, CLIP normalisation). Learners on the same data, steps and batches:
 
 Variants: `--init mimetic` (attention init of Trockman & Kolter 2023), `--init pca` (whitened principal
 components of the training patches as the patch embedding; built into llavakit as
-`ClipTrainConfig.patch_init`), and world overrides (`--categories`, `--colors`, `--background-colors`,
-`--backgrounds`) to see which part of the world makes shape slow to learn.
+`ClipTrainConfig.patch_init`), `--init luma` (colour-blind outline filters on --luma-dims outputs; also
+`ClipTrainConfig.patch_init`), world overrides (`--categories`, `--colors`, `--background-colors`,
+`--backgrounds`) to see which part of the world makes shape slow to learn, and `--aux` (a second
+training world, e.g. high-contrast colours; the test set stays the main world's).
 
     python experiments/encoder_shape_check.py --steps 400 [--learners vit,vitd,cnn] [--patch 14] [--lr 3e-4]
 
@@ -41,7 +43,7 @@ OUT = Path(__file__).resolve().parent / "results"
 WORLD = dict(backgrounds=("plain", "gradient", "noise"), min_objects=1, max_objects=1, text_prob=0.0, chart_prob=0.0)
 
 
-def data(root: Path, train: int, test: int, world: dict, grid: int):
+def data(root: Path, train: int, test: int, world: dict, grid: int, aux: dict | None = None):
     """(pixels, labels, patch labels) for a train and a test split of single-object scenes.
 
     label = shape index; patch labels [N, grid*grid] = the shape index where the patch centre lies in the
@@ -55,6 +57,12 @@ def data(root: Path, train: int, test: int, world: dict, grid: int):
         if not (out / "world.json").exists():
             generate_world(WorldConfig(out=out, num_images=n, seed=5, split=split, **{**WORLD, **extra}))
         px, scenes = load_world_images(out, 112)  # [N, 3, 112, 112] uint8
+        if split == "train" and aux:  # as many more training images from a second world (e.g. high contrast)
+            aux_out = root / f"single_train_{n}_aux_{'_'.join('-'.join(v) for v in aux.values())}"
+            if not (aux_out / "world.json").exists():
+                generate_world(WorldConfig(out=aux_out, num_images=n, seed=6, split=split, **{**WORLD, **extra, **aux}))
+            aux_px, aux_scenes = load_world_images(aux_out, 112)
+            px, scenes = torch.cat([px, aux_px]), scenes + aux_scenes
         splits[split] = (px, scenes)
     classes = sorted({s["objects"][0]["category"] for _, sc in splits.values() for s in sc})
     out = {}
@@ -176,6 +184,8 @@ def main() -> None:
     p.add_argument("--colors", default="", help="comma list of object colours (default: all)")
     p.add_argument("--background-colors", default="", help="comma list of background colours (default: all)")
     p.add_argument("--backgrounds", default="", help="comma list of background kinds (default: plain,gradient,noise)")
+    p.add_argument("--aux", default="", help="a second training world of as many images, world overrides as "
+                   "'colors=white;background_colors=black;backgrounds=plain' (the test set stays the main world's)")
     p.add_argument("--train-images", type=int, default=6000)
     p.add_argument("--test-images", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=100)
@@ -186,7 +196,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     world = {k: tuple(v.split(",")) if v else None for k, v in (("categories", args.categories), ("colors", args.colors),
              ("background_colors", args.background_colors), ("backgrounds", args.backgrounds))}
-    splits, classes = data(Path(args.work), args.train_images, args.test_images, world, 112 // args.patch)
+    aux = {k: tuple(v.split(",")) for k, v in (x.split("=") for x in args.aux.split(";") if x)}
+    splits, classes = data(Path(args.work), args.train_images, args.test_images, world, 112 // args.patch, aux)
     runs = {}
     for name in args.learners.split(","):
         torch.manual_seed(0)
