@@ -196,6 +196,28 @@ def test_eval_mode_prints_recall_and_writes_json(tiny_run, worlds, tmp_path, cap
     assert (tmp_path / "eval_random_init.json").is_file()
 
 
+def test_snapshots_are_loadable_clip_checkpoints_of_their_step(worlds, tmp_path, capsys):
+    """snapshot_every: snapshots/step-N every N steps (not at the end: that is the final model), each a full HF CLIP
+    dir with the weights of step N that `--eval` reads."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    cfg = ClipTrainConfig(world=str(worlds["train"]), out=str(tmp_path / "run"), compile=False,
+                          **{**TINY_MODEL, "max_steps": 6, "batch_size": 8, "evaluate": False, "snapshot_every": 2})
+    result = train_clip(cfg, say=lambda msg: None)
+    snaps = result.out / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-2", "step-4"]
+    a, b = (CLIPModel.from_pretrained(snaps / n).state_dict() for n in ("step-2", "step-4"))
+    final = CLIPModel.from_pretrained(result.out).state_dict()
+    name = "vision_model.embeddings.patch_embedding.weight"
+    assert not torch.equal(a[name], b[name]) and not torch.equal(b[name], final[name])
+    assert CLIPTokenizer.from_pretrained(snaps / "step-4")("a red circle").input_ids[1:-1]
+    assert clip_cli.main(["--eval", "--model", str(snaps / "step-4"), "--world", str(worlds["val"]), "--out",
+                          str(tmp_path / "ev"), "probe_fit_images=0", "val_images=20"]) == 0  # fmt: skip
+    assert "R@1" in capsys.readouterr().out
+    with pytest.raises(ClipConfigError, match="snapshot_every"):
+        ClipTrainConfig(world="w", out="o", snapshot_every=-1)
+
+
 def test_missing_world_is_a_clear_error(tmp_path, capsys):
     code = clip_cli.main(["--world", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert code == 1

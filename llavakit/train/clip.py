@@ -121,6 +121,10 @@ class ClipTrainConfig:
     """Steps between metrics.jsonl lines."""
     eval_every: int = 250
     """Steps between validation losses (0: only at the end); needs val_world."""
+    snapshot_every: int = 0
+    """Steps between snapshots: the HF CLIP checkpoint (with tokenizer and image processor) written to
+    `snapshots/step-N/` under `out`, loadable and evaluable like the final one (`llavakit train clip --eval`)
+    while a long run goes on. Weights only: a run cannot resume from a snapshot. 0: none."""
     val_images: int = 500
     """Images of val_world used for validation loss and retrieval recall."""
     probe_fit_images: int = 2000
@@ -155,7 +159,7 @@ class ClipTrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ClipConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "seed", "probe_fit_images", "probe_seed"):
+        for name in ("warmup_steps", "eval_every", "snapshot_every", "seed", "probe_fit_images", "probe_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ClipConfigError(f"{name} must be a non-negative integer, got {value!r}")
@@ -405,10 +409,11 @@ class CategoryHead:
 class _Trainer:
     """The training loop's state: model, optimiser, data, logs."""
 
-    def __init__(self, cfg: ClipTrainConfig, out: Path, train, val, model, say, hard=None) -> None:
+    def __init__(self, cfg: ClipTrainConfig, out: Path, train, val, model, say, hard=None, tokenizer=None) -> None:
         import torch
 
         self.cfg, self.out, self.train, self.val, self.say = cfg, out, train, val, say
+        self.tokenizer = tokenizer  # saved with each snapshot
         self.hard = hard  # a HardBatchSampler when cfg.hard_batch_prob > 0
         self.model = model
         self.categories = CategoryHead.build(cfg, train.scenes, model.config.vision_config.hidden_size)
@@ -487,6 +492,21 @@ class _Trainer:
                      f"lr {record['lr']:.2e} {record['samples_per_s']:.0f} samples/s")  # fmt: skip
         if self.val is not None and cfg.eval_every and step % cfg.eval_every == 0:
             self.validate(step)
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < self.total:
+            self.snapshot(step)
+
+    def snapshot(self, step: int) -> None:
+        """snapshots/step-N: the model as it is now, written beside and renamed into place when complete."""
+        import shutil
+
+        final = self.out / "snapshots" / f"step-{step}"
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.tokenizer.save_pretrained(tmp)
+        save_checkpoint(self.model, self.cfg, tmp)
+        tmp.rename(final)
+        self.say(f"step {step} snapshot -> {final}")
 
     def validate(self, step: int) -> None:
         loss = validation_loss(self.model, self.val, self.cfg.batch_size)
@@ -573,7 +593,7 @@ def _train(cfg: ClipTrainConfig, say) -> ClipTrainResult:
         f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
     model = build_model(cfg, tokenizer)
     init_patch_embedding(cfg, model, train.pixels)
-    trainer = _Trainer(cfg, out, train, val, model, say, hard_sampler(cfg, train, tokenizer))
+    trainer = _Trainer(cfg, out, train, val, model, say, hard_sampler(cfg, train, tokenizer), tokenizer)
     trainer.run()
     seconds = time.perf_counter() - t0
     model.eval()
