@@ -50,8 +50,8 @@ def data(root: Path, train: int, test: int, world: dict, grid: int, aux: dict | 
     object's box (mapped through LLaVA's pad-and-resize), else len(classes) for background.
     """
     splits = {}
-    extra = {k: v for k, v in world.items() if v}  # world overrides: categories, colors, backgrounds, ...
-    tag = "_".join("-".join(v) for v in extra.values()) or "all"
+    extra = {k: v for k, v in world.items() if v}  # world overrides: categories, colors, backgrounds, sizes, ...
+    tag = "_".join("-".join(v) if isinstance(v, tuple) else str(v) for v in extra.values()) or "all"
     for split, n in (("train", train), ("test", test)):
         out = root / f"single_{split}_{n}_{tag}"
         if not (out / "world.json").exists():
@@ -186,6 +186,7 @@ def main() -> None:
     p.add_argument("--backgrounds", default="", help="comma list of background kinds (default: plain,gradient,noise)")
     p.add_argument("--aux", default="", help="a second training world of as many images, world overrides as "
                    "'colors=white;background_colors=black;backgrounds=plain' (the test set stays the main world's)")
+    p.add_argument("--side", type=int, default=0, help="square images of this side (default: 128-224 px, any aspect)")
     p.add_argument("--train-images", type=int, default=6000)
     p.add_argument("--test-images", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=100)
@@ -196,6 +197,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     world = {k: tuple(v.split(",")) if v else None for k, v in (("categories", args.categories), ("colors", args.colors),
              ("background_colors", args.background_colors), ("backgrounds", args.backgrounds))}
+    if args.side:  # square images of this side (objects keep their share of the side)
+        world.update(width=args.side, height=args.side)
     aux = {k: tuple(v.split(",")) for k, v in (x.split("=") for x in args.aux.split(";") if x)}
     splits, classes = data(Path(args.work), args.train_images, args.test_images, world, 112 // args.patch, aux)
     runs = {}
