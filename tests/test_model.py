@@ -95,7 +95,7 @@ def test_saving_over_a_model_replaces_it_and_a_failed_save_keeps_it(tiny_model_d
             raise OSError("disk full")
         return real(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", fail_moving_in)
+    monkeypatch.setattr(os, "replace", fail_moving_in)
     with torch.no_grad():
         bias += 1.0
     with pytest.raises(OSError, match="disk full"):

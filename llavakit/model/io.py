@@ -9,13 +9,13 @@ chat template. `LlavaForConditionalGeneration.from_pretrained(dir)` and
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from llavakit.data.templates import ChatTemplate
+from llavakit.fsutil import restore_dir, swap_dir
 from llavakit.model.modeling import LlavakitMeta
 
 
@@ -48,7 +48,7 @@ def build_processor(tokenizer, image_processor, config, template: ChatTemplate, 
 
 
 def save_model(model, tokenizer, image_processor, out: str | Path, *, has_cls: bool) -> Path:
-    """Write atomically: into a temp dir beside `out`, then rename over it."""
+    """Write atomically: into a temp dir beside `out`, then swapped in (llavakit/fsutil.py)."""
     out = Path(out)
     meta = LlavakitMeta.from_config(model.config)
     template = ChatTemplate.from_dict(meta.template)
@@ -60,20 +60,10 @@ def save_model(model, tokenizer, image_processor, out: str | Path, *, has_cls: b
         _set_architecture(tmp / "config.json")
         build_processor(tokenizer, image_processor, model.config, template, has_cls).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        old = None
-        if out.exists():
-            if any(out.iterdir()) and not (out / "config.json").is_file():
-                raise FileExistsError(f"{out} exists and is not a model dir; refusing to replace it")
-            old = tmp.with_name(tmp.name + ".old")  # moved aside, not deleted, until the new one is in place:
-            os.replace(out, old)  # a kill between the two renames leaves both copies on disk
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)  # the old model back where it was
-            raise
-        if old is not None:
-            shutil.rmtree(old)
+        restore_dir(out)
+        if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+            raise FileExistsError(f"{out} exists and is not a model dir; refusing to replace it")
+        swap_dir(tmp, out)  # the old model stays on disk until the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

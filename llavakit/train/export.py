@@ -9,11 +9,12 @@ with (`plain` for align); the history entry records the latter.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from llavakit.fsutil import swap_dir
 
 
 def is_sharded(accelerator) -> bool:
@@ -94,9 +95,7 @@ def _atomic_dir(out: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         write(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        swap_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

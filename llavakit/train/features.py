@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from llavakit.fsutil import swap_dir
 
 FORMAT_VERSION = 1
 
@@ -195,18 +196,7 @@ def build(root: Path, llava, image_processor, names: list[str], folder: Path, ke
         del array
         meta = {"key": key, "dtype": dtype, "shape": shape, "images": old + names, "failed": failed, "version": FORMAT_VERSION}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        _swap_in(tmp, root)
+        swap_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _swap_in(tmp: Path, root: Path) -> None:
-    if not root.exists():
-        os.replace(tmp, root)
-        return
-    old = root.with_name(f".{root.name}-old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(root, old)
-    os.replace(tmp, root)
-    shutil.rmtree(old)
