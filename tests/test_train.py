@@ -253,6 +253,10 @@ def test_resume_before_the_first_checkpoint_starts_over_in_place(aligned, square
     records = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
     assert 9.0 not in [r.get("loss") for r in records]  # the stopped start's records are gone
+    assert not (stopped / "checkpoints" / ".tmp-step-2").exists()
+    with pytest.raises(ConfigError, match="is a finished run"):  # no checkpoint to continue: refused, not redone
+        train(again, resume=True)
+    assert report(resumed) == b
     with pytest.raises(FileNotFoundError, match="holds no training run"):
         train(TrainConfig.from_dict({**cfg.to_dict(), "out": str(tmp_path / "empty")}), resume=True)
 

@@ -128,20 +128,23 @@ class Run:
 # ---- setup ------------------------------------------------------------------------------------
 
 
-def check_out_dir(cfg: TrainConfig, resume: bool) -> Path:
+def check_out_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
+    """The output dir, and with `resume` the checkpoint to restore (None: restart the run in place from step 0)."""
     if not cfg.out:
         raise ConfigError("out: no output dir (set `out:` in the config or pass --out)")
     out = Path(cfg.out)
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise FileNotFoundError(f"--resume: {out} holds no training run (no config.yaml)")
-        check_same_config(cfg, out / "config.yaml")
-        if ckpt.latest(out / "checkpoints") is None:  # stopped before its first checkpoint: nothing to keep
-            print(f"--resume: no complete checkpoint under {out / 'checkpoints'} yet; starting {out} from step 0",
-                  flush=True)
-    elif out.exists() and any(out.iterdir()):
-        raise ConfigError(f"out: {out} exists and is not empty (use --resume to continue it, or a new --out)")
-    return out
+    if not resume:
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"out: {out} exists and is not empty (use --resume to continue it, or a new --out)")
+        return out, None
+    if not (out / "config.yaml").is_file():
+        raise FileNotFoundError(f"--resume: {out} holds no training run (no config.yaml)")
+    check_same_config(cfg, out / "config.yaml")
+    latest = ckpt.latest(out / "checkpoints")
+    if latest is None and (out / "report.json").is_file():  # finished without checkpoints: a restart would redo it
+        raise ConfigError(f"--resume: {out} is a finished run (report.json) with no checkpoint to continue from; "
+                          "train into a new --out")
+    return out, latest
 
 
 def check_same_config(cfg: TrainConfig, saved_path: Path) -> None:
@@ -324,7 +327,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     from llavakit.model.io import load_model
     from llavakit.train.model import TrainModule, prepare_model, resolve_init
 
-    out = check_out_dir(cfg, resume)
+    out, resume_from = check_out_dir(cfg, resume)  # decided once, before any process could write a checkpoint
     procs, cpu = process_state()
     if cfg.runtime.cpu_malloc_tuning and cpu:
         tune_cpu_malloc()
@@ -353,15 +356,24 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     accelerator.register_for_checkpointing(run.scheduler)
     if accelerator.distributed_type.value not in ("DEEPSPEED", "FSDP"):
         ckpt.install_trainable_only(accelerator, run.module)
-    if resume and ckpt.latest(out / "checkpoints") is not None:
-        restore(run)
+    if resume_from is not None:
+        restore(run, resume_from)
     elif resume:
-        run.restarted = True
+        restart(run)
     return run
 
 
-def restore(run: Run) -> None:
-    path = ckpt.latest(run.out / "checkpoints")
+def restart(run: Run) -> None:
+    """--resume on a run stopped before its first checkpoint: start it again in place from step 0."""
+    run.restarted = True
+    if run.is_main:
+        print(f"--resume: no complete checkpoint under {run.out / 'checkpoints'} yet; starting {run.out} from step 0",
+              flush=True)
+        if (run.out / "checkpoints").is_dir():
+            ckpt.prune(run.out / "checkpoints", keep_last=1)  # no complete checkpoint: removes only cut-short temp dirs
+
+
+def restore(run: Run, path: Path) -> None:
     run.accelerator.load_state(str(path))
     saved = ckpt.read_state(path)
     run.state = RunState(**saved)
