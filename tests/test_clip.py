@@ -196,20 +196,31 @@ def test_eval_mode_prints_recall_and_writes_json(tiny_run, worlds, tmp_path, cap
     assert (tmp_path / "eval_random_init.json").is_file()
 
 
-def test_snapshots_are_loadable_clip_checkpoints_of_their_step(worlds, tmp_path, capsys):
+def test_snapshots_are_loadable_clip_checkpoints_of_their_step(worlds, tmp_path, capsys, monkeypatch):
     """snapshot_every: snapshots/step-N every N steps (not at the end: that is the final model), each a full HF CLIP
     dir with the weights of step N that `--eval` reads."""
     from transformers import CLIPModel, CLIPTokenizer
 
+    from llavakit.train.clip import _Trainer
+
+    seen = {}  # step -> the live model's weights when its snapshot was taken
+    real = _Trainer.snapshot
+
+    def snapshot(self, step):
+        seen[step] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        real(self, step)
+
+    monkeypatch.setattr(_Trainer, "snapshot", snapshot)
     cfg = ClipTrainConfig(world=str(worlds["train"]), out=str(tmp_path / "run"), compile=False,
                           **{**TINY_MODEL, "max_steps": 6, "batch_size": 8, "evaluate": False, "snapshot_every": 2})
     result = train_clip(cfg, say=lambda msg: None)
     snaps = result.out / "snapshots"
-    assert sorted(p.name for p in snaps.iterdir()) == ["step-2", "step-4"]
-    a, b = (CLIPModel.from_pretrained(snaps / n).state_dict() for n in ("step-2", "step-4"))
-    final = CLIPModel.from_pretrained(result.out).state_dict()
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-2", "step-4"] and sorted(seen) == [2, 4]
+    for step in (2, 4):
+        saved = CLIPModel.from_pretrained(snaps / f"step-{step}").state_dict()
+        assert all(torch.equal(saved[k], seen[step][k]) for k in seen[step] if k in saved)
     name = "vision_model.embeddings.patch_embedding.weight"
-    assert not torch.equal(a[name], b[name]) and not torch.equal(b[name], final[name])
+    assert not torch.equal(seen[2][name], seen[4][name])  # the steps between changed the model
     assert CLIPTokenizer.from_pretrained(snaps / "step-4")("a red circle").input_ids[1:-1]
     assert clip_cli.main(["--eval", "--model", str(snaps / "step-4"), "--world", str(worlds["val"]), "--out",
                           str(tmp_path / "ev"), "probe_fit_images=0", "val_images=20"]) == 0  # fmt: skip
@@ -237,7 +248,8 @@ def test_missing_world_is_a_clear_error(tmp_path, capsys):
         (["lr=-1"], "lr must be a positive number"),
         (["epochs"], "not KEY=VALUE"),
         (["patch_init=zca"], "patch_init must be one of random, pca, luma"),
-        (["patch_init=luma", "patch_size=4", "image_size=112"], "patch_init luma gives 128 outputs outline filters"),
+        (["patch_init=luma", "patch_size=4", "image_size=112"], "patch_init luma makes 2/3 of vision_hidden (128 of 192) "
+         "outline filters, and at most patch_size**2 - 1 (15) fit: lower vision_hidden or raise patch_size"),
         (["category_loss_weight=-1"], "category_loss_weight must be >= 0"),
         (["patch_init=pca", "patch_size=4", "image_size=112"], "patch_init pca needs vision_hidden"),
     ],
@@ -320,7 +332,7 @@ def test_luma_patch_init_gives_colour_blind_outline_filters(worlds, tmp_path):
     assert flat.abs().max() < 1e-4
     a, b = code([1.0, 0.1, 0.1], [0.9, 0.9, 0.9]), code([0.1, 0.8, 0.2], [0.1, 0.1, 0.1])  # darker / brighter object
     assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() < -0.999 and min(a.norm(), b.norm()) > 0.1
-    # the limit, why a third of the outputs stay random: equal-luminance pairs (red on blue here) give almost nothing
+    # the limit, why a third of the outputs stay random: pairs with (nearly) equal channel sums (this red on blue)
     assert code([1.0, 0.1, 0.1], [0.1, 0.2, 0.9]).norm() < 0.1 * a.norm()
     with pytest.raises(ValueError, match="luma dims"):
         patch_luma_(conv, pixels, dims=64)

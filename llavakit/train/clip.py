@@ -71,7 +71,7 @@ class ClipTrainConfig:
     patch_init: str = "random"
     """Vision patch embedding at the start: `random` (transformers' init), `pca` (whitened principal
     components of the training patches) or `luma` (two thirds of the outputs: colour-blind outline filters,
-    whitened components of the patches' luminance applied alike to R, G and B; the rest random). Both in
+    whitened components of the patches' channel mean (≈ luminance) applied alike to R, G and B; the rest random). Both in
     llavakit/train/clip_init.py."""
     # tokenizer
     vocab_size: int = 1024
@@ -184,8 +184,9 @@ class ClipTrainConfig:
             raise ClipConfigError(f"patch_init pca needs vision_hidden ({self.vision_hidden}) <= 3 * patch_size**2 "
                                   f"({3 * self.patch_size**2}): one component per channel")
         if self.patch_init == "luma" and not 0 < self.luma_dims < self.patch_size**2:
-            raise ClipConfigError(f"patch_init luma gives {self.luma_dims} outputs outline filters (2/3 of vision_hidden "
-                                  f"{self.vision_hidden}); it needs 1 to patch_size**2 - 1 ({self.patch_size**2 - 1})")
+            raise ClipConfigError(f"patch_init luma makes 2/3 of vision_hidden ({self.luma_dims} of {self.vision_hidden}) "
+                                  f"outline filters, and at most patch_size**2 - 1 ({self.patch_size**2 - 1}) fit: "
+                                  "lower vision_hidden or raise patch_size")
         if self.vision_layers < 2:
             raise ClipConfigError("vision_layers must be at least 2 (LLaVA reads layer -2)")
         if self.vocab_size < 520:
@@ -409,7 +410,7 @@ class CategoryHead:
 class _Trainer:
     """The training loop's state: model, optimiser, data, logs."""
 
-    def __init__(self, cfg: ClipTrainConfig, out: Path, train, val, model, say, hard=None, tokenizer=None) -> None:
+    def __init__(self, cfg: ClipTrainConfig, out: Path, train, val, model, say, tokenizer, hard=None) -> None:
         import torch
 
         self.cfg, self.out, self.train, self.val, self.say = cfg, out, train, val, say
@@ -593,7 +594,7 @@ def _train(cfg: ClipTrainConfig, say) -> ClipTrainResult:
         f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
     model = build_model(cfg, tokenizer)
     init_patch_embedding(cfg, model, train.pixels)
-    trainer = _Trainer(cfg, out, train, val, model, say, hard_sampler(cfg, train, tokenizer), tokenizer)
+    trainer = _Trainer(cfg, out, train, val, model, say, tokenizer, hard_sampler(cfg, train, tokenizer))
     trainer.run()
     seconds = time.perf_counter() - t0
     model.eval()

@@ -1,4 +1,6 @@
-"""Stage-0 vision tower initialisation: `ClipTrainConfig.patch_init = "pca"`.
+"""Stage-0 vision tower initialisation: `ClipTrainConfig.patch_init = "pca"` or `"luma"`.
+
+pca:
 
 The ViT's patch embedding (a conv with kernel = stride = patch) starts as the top principal components
 of the training set's patches, whitened. A patch's flat colour dominates its variance; whitening brings
@@ -8,6 +10,8 @@ already describe it instead of a random mix dominated by colour. Measured on the
 steps 0.157 with this init against 0.102 with transformers' default. Written here because no library
 offers a data-dependent patch-embedding init; a few lines of linear algebra. Same shapes: the checkpoint
 stays a plain HF CLIP.
+
+luma: `patch_luma_` below (measured no better under the CLIP loss, docs/encoder.md).
 """
 
 from __future__ import annotations
@@ -45,11 +49,13 @@ def patch_luma_(embedding: torch.nn.Conv2d, pixels: torch.Tensor, *, dims: int, 
                 samples: int = 20000, seed: int = 0, eps: float = 1e-2, gain: float = 0.5) -> torch.Tensor:
     """Set the first `dims` outputs of `embedding.weight` [D, 3, p, p] to colour-blind outline filters.
 
-    Each such filter is one whitened principal component of the patches' luminance with the patch's own
-    mean removed, applied equally to R, G and B. A patch holding colour f on colour b over mask m then gives
-    (f - b)·(w·m) summed over channels: the outline's code times one signed contrast, the same direction for
-    every colour pair up to sign and scale (which the first LayerNorm removes). The other outputs keep
-    transformers' random init and carry colour. Returns the eigenvalues used [dims]."""
+    Each such filter is one whitened principal component of the patches' channel mean (of the CLIP-normalised
+    R, G, B: a plain mean, close to but not luminance) with the patch's own mean removed, applied equally to
+    the three channels. A patch holding colour f on colour b over mask m then gives (w·m) times the summed
+    channel difference f - b: the outline's code times one signed contrast, the same direction for every
+    colour pair up to sign and scale (which the first LayerNorm removes); pairs with equal channel sums give
+    nothing. The other outputs keep transformers' random init and carry colour. Returns the eigenvalues used
+    [dims]."""
     from llavakit.train.clip_data import normalize
 
     weight = embedding.weight  # [D, 3, p, p]
@@ -58,7 +64,7 @@ def patch_luma_(embedding: torch.nn.Conv2d, pixels: torch.Tensor, *, dims: int, 
         raise ValueError(f"patch_init luma needs 0 < luma dims <= min(vision_hidden, patch_size**2 - 1), got {dims}")
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(pixels), generator=gen)[:images]
-    x = normalize(pixels[pick]).mean(1).unfold(1, patch, patch).unfold(2, patch, patch)  # [n, G, G, p, p] luminance
+    x = normalize(pixels[pick]).mean(1).unfold(1, patch, patch).unfold(2, patch, patch)  # [n, G, G, p, p] channel mean
     x = x.reshape(-1, patch * patch)  # [n*G*G, p*p]
     x = x[torch.randperm(len(x), generator=gen)[:samples]].double()
     x = x - x.mean(1, keepdim=True)  # each patch's own flat level removed: filters are blind to it
