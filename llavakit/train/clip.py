@@ -71,8 +71,8 @@ class ClipTrainConfig:
     patch_init: str = "random"
     """Vision patch embedding at the start: `random` (transformers' init), `pca` (whitened principal
     components of the training patches) or `luma` (two thirds of the outputs: colour-blind outline filters,
-    whitened components of the patches' channel mean (≈ luminance) applied alike to R, G and B; the rest random). Both in
-    llavakit/train/clip_init.py."""
+    whitened components of the patches' channel mean (≈ luminance) applied alike to R, G and B; the rest
+    random). Both in llavakit/train/clip_init.py."""
     # tokenizer
     vocab_size: int = 1024
     """Upper bound on the BPE vocabulary (512 byte symbols + merges + 2 specials); training stops early when

@@ -26,20 +26,12 @@ def patch_pca_(embedding: torch.nn.Conv2d, pixels: torch.Tensor, *, images: int 
     pixels: uint8 [N, 3, S, S] (CLIP-normalised here as the tower sees them). Each output channel then has
     variance `gain**2` over the sampled patches and the channels are uncorrelated. Returns the eigenvalues
     used [D] (descending)."""
-    from llavakit.train.clip_data import normalize
-
     weight = embedding.weight  # [D, 3, p, p]
     dim, patch = weight.shape[0], weight.shape[-1]
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(pixels), generator=gen)[:images]
-    x = normalize(pixels[pick]).unfold(2, patch, patch).unfold(3, patch, patch)  # [n, 3, G, G, p, p]
-    x = x.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * patch * patch)  # [n*G*G, 3*p*p], the conv weight's order
-    if dim > x.shape[1]:
-        raise ValueError(f"patch_init pca needs vision_hidden ({dim}) <= 3 * patch_size**2 ({x.shape[1]})")
-    x = x[torch.randperm(len(x), generator=gen)[:samples]].double()
-    x = x - x.mean(0)
-    vals, vecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending; [K], [K, K]
-    vals, vecs = vals.flip(0)[:dim], vecs.flip(1)[:, :dim]  # [D], [K, D]
+    if dim > 3 * patch * patch:
+        raise ValueError(f"patch_init pca needs vision_hidden ({dim}) <= 3 * patch_size**2 ({3 * patch * patch})")
+    x = sample_patches(pixels, patch, images, samples, seed, channel_mean=False)  # [n, 3*p*p]
+    vals, vecs = top_components(x - x.mean(0), dim)  # [D], [K, D]
     weight.copy_((gain * vecs / (vals + eps).sqrt()).T.reshape(weight.shape).to(weight.dtype))
     return vals.float()
 
@@ -56,21 +48,35 @@ def patch_luma_(embedding: torch.nn.Conv2d, pixels: torch.Tensor, *, dims: int, 
     colour pair up to sign and scale (which the first LayerNorm removes); pairs with equal channel sums give
     nothing. The other outputs keep transformers' random init and carry colour. Returns the eigenvalues used
     [dims]."""
-    from llavakit.train.clip_data import normalize
-
     weight = embedding.weight  # [D, 3, p, p]
     patch = weight.shape[-1]
     if not 0 < dims <= min(weight.shape[0], patch * patch - 1):
         raise ValueError(f"patch_init luma needs 0 < luma dims <= min(vision_hidden, patch_size**2 - 1), got {dims}")
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(pixels), generator=gen)[:images]
-    x = normalize(pixels[pick]).mean(1).unfold(1, patch, patch).unfold(2, patch, patch)  # [n, G, G, p, p] channel mean
-    x = x.reshape(-1, patch * patch)  # [n*G*G, p*p]
-    x = x[torch.randperm(len(x), generator=gen)[:samples]].double()
+    x = sample_patches(pixels, patch, images, samples, seed, channel_mean=True)  # [n, p*p]
     x = x - x.mean(1, keepdim=True)  # each patch's own flat level removed: filters are blind to it
-    vals, vecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending; [p*p], [p*p, p*p]
-    vals, vecs = vals.flip(0)[:dims], vecs.flip(1)[:, :dims]  # [dims], [p*p, dims]
+    vals, vecs = top_components(x, dims)  # [dims], [p*p, dims]
     vecs = vecs - vecs.mean(0, keepdim=True)  # exactly zero-sum spatially
     filters = (gain * vecs / (vals + eps).sqrt()).T / 3  # [dims, p*p]; /3: the same filter on each of 3 channels
     weight[:dims] = filters.reshape(dims, 1, patch, patch).expand(dims, 3, patch, patch).to(weight.dtype)
     return vals.float()
+
+
+def sample_patches(pixels: torch.Tensor, patch: int, images: int, samples: int, seed: int, *,
+                   channel_mean: bool) -> torch.Tensor:
+    """Up to `samples` random patches of up to `images` random images of uint8 `pixels` [N, 3, S, S], CLIP-normalised
+    as the tower sees them: [n, 3*p*p] in the conv weight's order, or [n, p*p] of the channel mean; float64."""
+    from llavakit.train.clip_data import normalize
+
+    gen = torch.Generator().manual_seed(seed)
+    x = normalize(pixels[torch.randperm(len(pixels), generator=gen)[:images]])  # [m, 3, S, S]
+    if channel_mean:
+        x = x.mean(1, keepdim=True)  # [m, 1, S, S]
+    x = x.unfold(2, patch, patch).unfold(3, patch, patch)  # [m, C, G, G, p, p]
+    x = x.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * patch * patch)  # [m*G*G, C*p*p]
+    return x[torch.randperm(len(x), generator=gen)[:samples]].double()
+
+
+def top_components(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest eigenvalues [k] and eigenvectors [K, k] of x's second-moment matrix (x [n, K], centred)."""
+    vals, vecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending; [K], [K, K]
+    return vals.flip(0)[:k], vecs.flip(1)[:, :k]
