@@ -23,6 +23,7 @@ BENCHES: dict[str, str] = {
     "int8": "bench.int8",
     "server_load": "bench.server_load",
     "datagen_cache": "bench.datagen_cache",
+    "world_throughput": "bench.world_throughput",
 }
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 

@@ -186,6 +186,7 @@ def main() -> None:
     p.add_argument("--backgrounds", default="", help="comma list of background kinds (default: plain,gradient,noise)")
     p.add_argument("--aux", default="", help="a second training world of as many images, world overrides as "
                    "'colors=white;background_colors=black;backgrounds=plain' (the test set stays the main world's)")
+    p.add_argument("--object-scale", type=float, default=1.0, help="WorldConfig.object_scale (larger objects when > 1)")
     p.add_argument("--side", type=int, default=0, help="square images of this side (default: 128-224 px, any aspect)")
     p.add_argument("--train-images", type=int, default=6000)
     p.add_argument("--test-images", type=int, default=600)
@@ -199,6 +200,8 @@ def main() -> None:
              ("background_colors", args.background_colors), ("backgrounds", args.backgrounds))}
     if args.side:  # square images of this side (objects keep their share of the side)
         world.update(width=args.side, height=args.side)
+    if args.object_scale != 1.0:
+        world.update(object_scale=args.object_scale)
     aux = {k: tuple(v.split(",")) for k, v in (x.split("=") for x in args.aux.split(";") if x)}
     splits, classes = data(Path(args.work), args.train_images, args.test_images, world, 112 // args.patch, aux)
     runs = {}

@@ -51,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-objects", type=int, default=6, metavar="K", help="most objects per image")
     g.add_argument("--max-overlap", type=float, default=0.05, metavar="IOU",
                    help="largest IoU allowed between two object boxes")  # fmt: skip
+    g.add_argument("--object-scale", type=float, default=1.0, metavar="X",
+                   help="multiply every size class's extent (larger objects when > 1)")  # fmt: skip
     g.add_argument("--categories", type=_names, default=",".join(SHAPES), metavar="LIST",
                    help="comma list of shapes")  # fmt: skip
     g.add_argument("--colors", type=_names, default=",".join(COLORS), metavar="LIST",
@@ -76,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> WorldConfig:
         out=args.out, num_images=args.num_images, seed=args.seed, split=args.split,
         min_size=args.min_size, max_size=args.max_size, width=args.width, height=args.height,
         min_objects=args.min_objects, max_objects=args.max_objects, max_overlap=args.max_overlap,
+        object_scale=args.object_scale,
         categories=args.categories, colors=args.colors, backgrounds=args.backgrounds,
         background_colors=args.background_colors, text_prob=args.text_prob,
         chart_prob=args.chart_prob, clipart_prob=args.clipart_prob, clipart_dir=args.clipart_dir,

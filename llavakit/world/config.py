@@ -71,6 +71,8 @@ SIZES: dict[str, tuple[float, float]] = {
     "medium": (0.23, 0.31),
     "large": (0.34, 0.45),
 }
+# Largest object extent (fraction of the shorter side) that object_scale may reach.
+MAX_EXTENT = 0.9
 BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "noise")
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right",
@@ -140,6 +142,9 @@ class WorldConfig:
     """Most objects per image."""
     max_overlap: float = 0.05
     """Largest allowed IoU between two object boxes; 0 keeps objects apart."""
+    object_scale: float = 1.0
+    """Multiplies every size class's extent range (SIZES, fractions of the shorter image side); > 1 draws
+    larger objects (e.g. so that each spans several patches of a low-resolution vision tower)."""
     categories: tuple[str, ...] = SHAPES
     """Shape categories to draw (names from SHAPES)."""
     colors: tuple[str, ...] = tuple(COLORS)
@@ -179,6 +184,7 @@ class WorldConfig:
         self._check_contrast()
         for name in ("text_prob", "chart_prob", "clipart_prob"):
             _check_prob(name, getattr(self, name))
+        self._check_object_scale()
         if not (0.0 <= self.max_overlap <= 1.0):
             raise WorldError(f"max_overlap must be in [0, 1], got {self.max_overlap}")
         if not (0 <= self.png_compress_level <= 9):
@@ -206,6 +212,19 @@ class WorldConfig:
                 raise WorldError(f"{name} must be in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}], got {value}")
         if self.min_size > self.max_size:
             raise WorldError(f"min_size ({self.min_size}) is larger than max_size ({self.max_size})")
+
+    def _check_object_scale(self) -> None:
+        top = max(hi for _, hi in SIZES.values())
+        if not (0.0 < self.object_scale <= MAX_EXTENT / top) or math.isnan(self.object_scale):
+            raise WorldError(
+                f"object_scale must be in (0, {MAX_EXTENT / top:g}] (the large size class, up to {top:g} of the "
+                f"shorter side, may grow to at most {MAX_EXTENT:g}), got {self.object_scale}"
+            )
+
+    def size_range(self, size: str) -> tuple[float, float]:
+        """(lo, hi) extent of size class `size` as fractions of the shorter image side, scaled by object_scale."""
+        lo, hi = SIZES[size]
+        return lo * self.object_scale, hi * self.object_scale
 
     def _check_contrast(self) -> None:
         for bg in self.background_colors:

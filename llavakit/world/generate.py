@@ -72,7 +72,7 @@ def open_clipart(config: WorldConfig) -> ClipartLibrary:
     strict = config.clipart_subjects != DEFAULT_CLIPART_SUBJECTS
     library = ClipartLibrary.scan(config.clipart_dir, config.clipart_subjects, SHAPES, strict=strict)
     longest_side = max(config.max_size, config.width or 0, config.height or 0)
-    library.cache_side = math.ceil(SIZES["large"][1] * longest_side) + 2
+    library.cache_side = math.ceil(config.size_range("large")[1] * longest_side) + 2
     return library
 
 
@@ -131,7 +131,7 @@ def write_world_json(config: WorldConfig, categories: list[dict[str, Any]], num_
         "config": config.to_json(),
         "categories": categories,
         "colors": {name: list(rgb) for name, rgb in COLORS.items()},
-        "sizes": {name: list(r) for name, r in SIZES.items()},
+        "sizes": {name: list(config.size_range(name)) for name in SIZES},
         "positions": list(POSITIONS),
         "predicates": list(PREDICATES),
     }

@@ -19,7 +19,6 @@ from .config import (
     COLORS,
     MIN_CONTRAST,
     POSITIONS,
-    SIZES,
     SPLITS,
     TEXT_CONTRAST,
     TEXT_LUMA_CONTRAST,
@@ -305,7 +304,7 @@ def _place_one(
         return ok_reserved(box) and _overlap_ok(box, boxes, cfg.max_overlap)
 
     for size in SIZE_ORDER[SIZE_ORDER.index(first_size) :]:
-        lo, hi = SIZES[size]
+        lo, hi = cfg.size_range(size)
         extent = rng.uniform(lo, hi) * min(width, height)
         sprite, info = _draw_object(rng, ctx, (category, color), extent, canvas.bg_names, use_clipart)
         spot = _find_spot(rng, width, height, sprite.width, sprite.height, ok)
