@@ -43,7 +43,7 @@ OUT = Path(__file__).resolve().parent / "results"
 WORLD = dict(backgrounds=("plain", "gradient", "noise"), min_objects=1, max_objects=1, text_prob=0.0, chart_prob=0.0)
 
 
-def data(root: Path, train: int, test: int, world: dict, grid: int, aux: dict | None = None):
+def data(root: Path, train: int, test: int, world: dict, grid: int, aux: dict | None = None, size: int = 112):
     """(pixels, labels, patch labels) for a train and a test split of single-object scenes.
 
     label = shape index; patch labels [N, grid*grid] = the shape index where the patch centre lies in the
@@ -56,12 +56,12 @@ def data(root: Path, train: int, test: int, world: dict, grid: int, aux: dict | 
         out = root / f"single_{split}_{n}_{tag}"
         if not (out / "world.json").exists():
             generate_world(WorldConfig(out=out, num_images=n, seed=5, split=split, **{**WORLD, **extra}))
-        px, scenes = load_world_images(out, 112)  # [N, 3, 112, 112] uint8
+        px, scenes = load_world_images(out, size)  # [N, 3, size, size] uint8
         if split == "train" and aux:  # as many more training images from a second world (e.g. high contrast)
             aux_out = root / f"single_train_{n}_aux_{'_'.join('-'.join(v) for v in aux.values())}"
             if not (aux_out / "world.json").exists():
                 generate_world(WorldConfig(out=aux_out, num_images=n, seed=6, split=split, **{**WORLD, **extra, **aux}))
-            aux_px, aux_scenes = load_world_images(aux_out, 112)
+            aux_px, aux_scenes = load_world_images(aux_out, size)
             px, scenes = torch.cat([px, aux_px]), scenes + aux_scenes
         splits[split] = (px, scenes)
     classes = sorted({s["objects"][0]["category"] for _, sc in splits.values() for s in sc})
@@ -86,12 +86,12 @@ def patch_labels(scene: dict, label: int, background: int, grid: int) -> torch.T
 
 
 class VitHead(nn.Module):
-    def __init__(self, classes: int, patch: int, pool: str, init: str = "default"):
+    def __init__(self, classes: int, patch: int, pool: str, init: str = "default", size: int = 112):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         cfg = CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=3,
-                               image_size=112, patch_size=patch)
+                               image_size=size, patch_size=patch)
         cfg._attn_implementation = "sdpa"
         self.tower, self.pool, self.head = CLIPVisionModel(cfg), pool, nn.Linear(192, classes)
         self.dense = nn.Linear(192, classes + 1)  # per-patch shape-or-background head (learner vitd)
@@ -173,6 +173,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--patch", type=int, default=14)
+    p.add_argument("--image-size", type=int, default=112, help="tower input side (the world is resized to it)")
     p.add_argument("--pool", choices=("max", "mean"), default="max")
     p.add_argument("--learners", default="vit,cnn", help="comma list of vit, vitd (vit + dense patch loss), cnn")
     p.add_argument("--init", choices=("default", "mimetic", "pca", "pca+mimetic", "luma"), default="default",
@@ -203,11 +204,12 @@ def main() -> None:
     if args.object_scale != 1.0:
         world.update(object_scale=args.object_scale)
     aux = {k: tuple(v.split(",")) for k, v in (x.split("=") for x in args.aux.split(";") if x)}
-    splits, classes = data(Path(args.work), args.train_images, args.test_images, world, 112 // args.patch, aux)
+    splits, classes = data(Path(args.work), args.train_images, args.test_images, world, args.image_size // args.patch, aux,
+                           args.image_size)
     runs = {}
     for name in args.learners.split(","):
         torch.manual_seed(0)
-        model = VitHead(len(classes), args.patch, args.pool, args.init) if name.startswith("vit") else cnn(len(classes))
+        model = VitHead(len(classes), args.patch, args.pool, args.init, args.image_size) if name.startswith("vit") else cnn(len(classes))
         if name.startswith("vit") and "pca" in args.init:
             from llavakit.train.clip_init import patch_pca_
 
