@@ -202,3 +202,26 @@ def test_two_runs_of_one_recipe_never_overlap(tmp_path):
             Recipe(cfg, say=lambda m: None).run()
     with Recipe(cfg, say=lambda m: None).lock():  # released
         pass
+
+
+def test_encoder_world_splits_add_their_own_world_options(tmp_path):
+    """encoder.world.<split> may set WorldConfig fields on top of world.options (the v3 stage-0 world has 1-2
+    objects per training image while the LLaVA data's world has more)."""
+    import json
+
+    from llavakit.recipe.encoder import make_worlds
+    from llavakit.recipe.run import Recipe
+
+    cfg = load_recipe(data={
+        "out": str(tmp_path / "run"),
+        "world": {"options": {"width": 96, "height": 96, "min_objects": 2, "max_objects": 4,
+                              "categories": ["circle", "star"]}},
+        "encoder": {"reuse": "x", "world": {"train": {"num_images": 6, "seed": 0, "min_objects": 1, "max_objects": 1},
+                                            "val": {"num_images": 4, "seed": 5}}},
+    })
+    make_worlds(Recipe(cfg, say=lambda _: None))
+    root = tmp_path / "run" / "encoder" / "world"
+    train = json.loads((root / "train" / "world.json").read_text())["config"]
+    val = json.loads((root / "val" / "world.json").read_text())["config"]
+    assert (train["min_objects"], train["max_objects"], train["width"], train["categories"]) == (1, 1, 96, ["circle", "star"])
+    assert (val["min_objects"], val["max_objects"], val["width"]) == (2, 4, 96)

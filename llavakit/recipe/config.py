@@ -33,7 +33,8 @@ DEFAULTS: dict[str, Any] = {
         "wait_hours": 0.0,  # a live process is writing `reuse`: wait this long for it before training our own
         "train_world": "train",  # world split the recipe's own encoder trains on (if it must train one)
         "val_world": "val",
-        # its own worlds instead ({train: {num_images, seed}, val: {...}}, options as world.options); None: the above
+        # its own worlds instead ({train: {num_images, seed, ...}, val: {...}}: world.options plus any WorldConfig
+        # fields given in the split, e.g. max_objects); None: the above
         "world": None,
     },
     "data": {

@@ -62,8 +62,10 @@ def make_worlds(recipe) -> None:
         if out.exists():
             shutil.rmtree(out)
         spec = specs[split]
+        own = {k: v for k, v in spec.items() if k not in ("num_images", "seed")}  # e.g. max_objects for stage 0
+        options = _world_options({**recipe.cfg["world"]["options"], **own})
         summary = generate_world(WorldConfig(out=str(out), num_images=int(spec["num_images"]), seed=int(spec["seed"]),
-                                             split=split, **_world_options(recipe.cfg["world"]["options"])))
+                                             split=split, **options))
         recipe.say(f"encoder world {split}: {summary.num_images} images in {summary.seconds:.0f} s")
 
 
