@@ -446,5 +446,6 @@ def test_object_scale_draws_larger_objects_and_records_its_sizes(tmp_path: Path)
             assert max(o["bbox"][2:]) <= sizes[o["size"]][1] * 160 + 2, o
         extents[scale] = np.mean([max(o["bbox"][2:]) for o in objects])
     assert extents[1.8] > 1.5 * extents[1.0]
-    with pytest.raises(WorldError, match="object_scale"):
-        WorldConfig(out=tmp_path / "x", object_scale=2.5)
+    for bad in (2.5, 0.0, float("nan"), "big"):
+        with pytest.raises(WorldError, match="object_scale"):
+            WorldConfig(out=tmp_path / "x", object_scale=bad)

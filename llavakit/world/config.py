@@ -215,10 +215,11 @@ class WorldConfig:
 
     def _check_object_scale(self) -> None:
         top = max(hi for _, hi in SIZES.values())
-        if not (0.0 < self.object_scale <= MAX_EXTENT / top) or math.isnan(self.object_scale):
+        scale = self.object_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < scale <= MAX_EXTENT / top):
             raise WorldError(
                 f"object_scale must be in (0, {MAX_EXTENT / top:g}] (the large size class, up to {top:g} of the "
-                f"shorter side, may grow to at most {MAX_EXTENT:g}), got {self.object_scale}"
+                f"shorter side, may grow to at most {MAX_EXTENT:g}), got {scale!r}"
             )
 
     def size_range(self, size: str) -> tuple[float, float]:
