@@ -292,6 +292,30 @@ def test_stale_feature_cache_is_refused(tiny_model_dir, squares, tmp_path):
         train(config("align", other, tmp_path / "b", squares["caption"], squares["images"], data={"feature_cache": cache}))
 
 
+def test_feature_cache_encodes_a_changed_image_again(tiny_model_dir, squares, tmp_path):
+    import shutil
+
+    from llavakit.data.images import load_image
+    from llavakit.train.features import open_or_build, selected_features
+
+    lm = load_model(tiny_model_dir)
+    folder = tmp_path / "images"
+    shutil.copytree(squares["images"], folder)
+    names = sorted(p.name for p in folder.glob("*.png"))[:4]
+    kw = dict(dtype="float32", batch_size=2, num_workers=0, is_main=True, barrier=lambda: None)
+    first = open_or_build(tmp_path / "cache", lm.model, lm.image_processor, names, folder, **kw).read(names)  # [4, S, D]
+    # the world regenerated under the same file names: image 0 now holds another picture
+    shutil.copy(squares["images"] / sorted(p.name for p in squares["images"].glob("*.png"))[5], folder / names[0])
+    store = open_or_build(tmp_path / "cache", lm.model, lm.image_processor, names, folder, **kw)
+    again = store.read(names)  # [4, S, D]
+    pixels = lm.image_processor([load_image(folder / names[0])], return_tensors="pt")["pixel_values"]  # [1, 3, H, W]
+    fresh = selected_features(lm.model, pixels)[0]  # [S, D]
+    assert not torch.allclose(first[0], fresh, atol=1e-4)  # the pictures differ
+    assert torch.allclose(again[0], fresh, atol=1e-5)  # the new picture's features, not the cached old ones
+    assert torch.equal(again[1:], first[1:])  # the unchanged rows are kept as they were
+    assert store.meta["images"].count(names[0]) == 1 and len(store.meta["digests"]) == 4
+
+
 @pytest.fixture()
 def bad_data(squares, tmp_path):
     records = json.loads(squares["caption"].read_text())[:15]

@@ -9,10 +9,13 @@ into `<image>` positions and the count check are still transformers' own.
 The store is keyed by a hash of the vision tower's config and weights, the image processor's
 config and the feature layer/strategy; a store built for another key is refused, never reused.
 A store with the right key that lacks some images of the data is extended (old rows copied into
-a new store, only the new images encoded), so one cache can serve both stages.
+a new store, only the new images encoded), so one cache can serve both stages. Rows are keyed by
+image path *and* the sha256 of the file's bytes: an image whose file changed since it was encoded
+(e.g. a world regenerated with other settings under the same file names) is encoded again, never
+read back with the old picture's features.
 
-Layout: `meta.json` (key, dtype, shape, image list, failed images), `features.bin` (a raw
-[N, S, D] array read with numpy memmap).
+Layout: `meta.json` (key, dtype, shape, image list, failed images, file digests), `features.bin`
+(a raw [N, S, D] array read with numpy memmap).
 """
 
 from __future__ import annotations
@@ -98,14 +101,27 @@ def open_or_build(root: str | Path, llava, image_processor, images: list[str], i
         base = FeatureStore(root) if (root / "meta.json").is_file() else None
         if base is not None:
             check_key(base, key)
-        todo = sorted(set(images) - (set(base.rows) | set(base.failed) if base else set()))
+        digests = {name: file_digest(image_folder / name) for name in images}
+        stored = base.meta.get("digests", {}) if base else {}
+        known = set(base.rows) | set(base.failed) if base else set()
+        # encoded from another file than the one now at that path: encode again (stores without digests: all)
+        changed = {n for n in images if n in known and stored.get(n, "") != digests[n]}
+        todo = sorted((set(images) - known) | changed)
         if todo:
             build(root, llava, image_processor, todo, image_folder, key, dtype if base is None else base.meta["dtype"],
-                  batch_size, num_workers, base)
+                  batch_size, num_workers, base, digests)
     barrier()
     store = FeatureStore(root)
     check_key(store, key)
     return store
+
+
+def file_digest(path: Path) -> str | None:
+    """sha256 of the file's bytes; None if it cannot be read (encoding then records why)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def check_key(store: FeatureStore, key: str) -> None:
@@ -163,38 +179,45 @@ def encode(llava, names: list[str], folder: Path, image_processor, batch_size: i
         llava.train(was_training)
 
 
-def _new_array(tmp: Path, dtype: str, rows: int, shape: list[int], base: FeatureStore | None) -> np.memmap:
+def _new_array(tmp: Path, dtype: str, rows: int, shape: list[int], base: FeatureStore | None,
+               old: list[str]) -> np.memmap:
     array = np.memmap(tmp / "features.bin", dtype=dtype, mode="w+", shape=(rows, *shape))  # [N, S, Dv]
-    if base is not None:
-        array[: len(base.meta["images"])] = base._open()  # the old rows, unchanged
+    if old:
+        array[: len(old)] = base._open()[[base.rows[n] for n in old]]  # the kept old rows, unchanged
     return array
 
 
 def build(root: Path, llava, image_processor, names: list[str], folder: Path, key: str, dtype: str,
-          batch_size: int, num_workers: int, base: FeatureStore | None = None) -> None:
-    """Encode `names` into a new store after the rows of `base` (if any); temp dir + rename.
+          batch_size: int, num_workers: int, base: FeatureStore | None = None,
+          digests: dict[str, str | None] | None = None) -> None:
+    """Encode `names` into a new store after the rows of `base` (if any) that are not in `names`
+    (those are encoded again); temp dir + rename. `digests`: file sha256 per image, recorded.
 
     Rows of unreadable images stay zero and are listed in `failed` (never read back as features).
     """
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    old = list(base.meta["images"]) if base else []
+    again = set(names)
+    old = [n for n in base.meta["images"] if n not in again] if base else []
     shape = list(base.meta["shape"]) if base else None
-    failed = dict(base.failed) if base else {}
+    failed = {n: why for n, why in base.failed.items() if n not in again} if base else {}
+    recorded = {n: d for n, d in base.meta.get("digests", {}).items() if n not in again} if base else {}
+    recorded.update({n: (digests or {}).get(n) or file_digest(folder / n) for n in names})
     array = None
     try:
         for rows, feats in encode(llava, names, folder, image_processor, batch_size, num_workers, failed):
             if array is None:
                 shape = list(feats.shape[1:])
-                array = _new_array(tmp, dtype, len(old) + len(names), shape, base)
+                array = _new_array(tmp, dtype, len(old) + len(names), shape, base, old)
             array[[len(old) + r for r in rows]] = feats.float().cpu().numpy().astype(dtype)  # [n, S, Dv]
         if shape is None:
             raise ValueError(f"feature cache: none of the {len(names)} images could be read, e.g. {next(iter(failed.values()))}")
         if array is None:  # nothing new could be read: the old rows, and the new failures
-            array = _new_array(tmp, dtype, len(old) + len(names), shape, base)
+            array = _new_array(tmp, dtype, len(old) + len(names), shape, base, old)
         array.flush()
         del array
-        meta = {"key": key, "dtype": dtype, "shape": shape, "images": old + names, "failed": failed, "version": FORMAT_VERSION}
+        meta = {"key": key, "dtype": dtype, "shape": shape, "images": old + names, "failed": failed,
+                "digests": recorded, "version": FORMAT_VERSION}
         (tmp / "meta.json").write_text(json.dumps(meta))
         swap_dir(tmp, root)
     except BaseException:
