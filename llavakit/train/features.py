@@ -182,8 +182,10 @@ def encode(llava, names: list[str], folder: Path, image_processor, batch_size: i
 def _new_array(tmp: Path, dtype: str, rows: int, shape: list[int], base: FeatureStore | None,
                old: list[str]) -> np.memmap:
     array = np.memmap(tmp / "features.bin", dtype=dtype, mode="w+", shape=(rows, *shape))  # [N, S, Dv]
-    if old:
-        array[: len(old)] = base._open()[[base.rows[n] for n in old]]  # the kept old rows, unchanged
+    rows_of = [base.rows[n] for n in old] if old else []
+    for i in range(0, len(rows_of), 1024):  # in chunks: a cache can be far larger than memory
+        chunk = rows_of[i:i + 1024]
+        array[i:i + len(chunk)] = base._open()[chunk]  # the kept old rows, unchanged
     return array
 
 
