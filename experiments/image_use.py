@@ -73,7 +73,9 @@ def main() -> None:
         sample = render_record(record, loaded.tokenizer, loaded.template, opts)
         ids = torch.tensor(sample.input_ids)  # [T]
         spans = answer_spans(sample.labels)
-        qtypes = record["provenance"]["qtypes"]
+        qtypes = record.get("provenance", {}).get("qtypes")
+        if not qtypes:
+            raise ValueError(f"{record.get('id', i)}: no provenance.qtypes (write the records with `llavakit datagen vqa`)")
         if len(spans) != len(qtypes):
             raise ValueError(f"{record['id']}: {len(spans)} answers but {len(qtypes)} question types")
         own = score(loaded.model, ids, pixels[i], spans)
