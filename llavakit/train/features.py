@@ -190,8 +190,7 @@ def _new_array(tmp: Path, dtype: str, rows: int, shape: list[int], base: Feature
 
 
 def build(root: Path, llava, image_processor, names: list[str], folder: Path, key: str, dtype: str,
-          batch_size: int, num_workers: int, base: FeatureStore | None = None,
-          digests: dict[str, str | None] | None = None) -> None:
+          batch_size: int, num_workers: int, base: FeatureStore | None, digests: dict[str, str | None]) -> None:
     """Encode `names` into a new store after the rows of `base` (if any) that are not in `names`
     (those are encoded again); temp dir + rename. `digests`: file sha256 per image, recorded.
 
@@ -204,7 +203,7 @@ def build(root: Path, llava, image_processor, names: list[str], folder: Path, ke
     shape = list(base.meta["shape"]) if base else None
     failed = {n: why for n, why in base.failed.items() if n not in again} if base else {}
     recorded = {n: d for n, d in base.meta.get("digests", {}).items() if n not in again} if base else {}
-    recorded.update({n: (digests or {}).get(n) or file_digest(folder / n) for n in names})
+    recorded.update({n: digests[n] for n in names})
     array = None
     try:
         for rows, feats in encode(llava, names, folder, image_processor, batch_size, num_workers, failed):
