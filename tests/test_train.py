@@ -154,6 +154,36 @@ def test_instruct_lora_merges_into_a_transformers_model(aligned, squares, tmp_pa
     assert all(torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
 
 
+def test_lora_init_adapter_goes_on_training_a_saved_adapter(aligned, squares, tmp_path):
+    """A second LoRA run from the same base continues the first run's adapter (its step-0 eval loss is the
+    first run's final one, not the base model's), and its adapter alone still rebuilds its merged model."""
+    from peft import PeftModel
+
+    lora = {"enabled": True, "r": 4, "alpha": 8, "save_adapter": True}
+    first = train(config("instruct", aligned, tmp_path / "first", squares["qa"], squares["images"],
+                         optim={"lr": 1e-2, "max_steps": 3}, lora=lora))
+    runs = {}
+    for name, init in (("fresh", None), ("continued", str(first))):  # the run dir: its adapter/ is used
+        out = train(config("instruct", aligned, tmp_path / name, squares["qa"], squares["images"],
+                           optim={"lr": 1e-2, "max_steps": 1}, eval={"at_start": True},
+                           lora={**lora, "init_adapter": init}))
+        runs[name] = next(json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x)
+        assert runs[name]["step"] == 0
+    assert runs["continued"]["eval_loss"] == pytest.approx(report(first)["eval_loss"], abs=1e-5)
+    assert abs(runs["fresh"]["eval_loss"] - report(first)["eval_loss"]) > 1e-3
+    ids = torch.tensor([[1, 5, 9, 30, 31, 2]])
+    with torch.no_grad():
+        merged = load_model(tmp_path / "continued" / "model").model.eval()(input_ids=ids).logits  # [1, T, V]
+        base = load_model(aligned / "model").model
+        rebuilt = PeftModel.from_pretrained(base, tmp_path / "continued" / "adapter").eval()(input_ids=ids).logits
+    assert (rebuilt - merged).abs().max() < 1e-4
+    with pytest.raises(ValueError, match=r"init_adapter .*first/adapter.*r: 4 there, 8 here"):
+        train(config("instruct", aligned, tmp_path / "wrong", squares["qa"], squares["images"],
+                     optim={"max_steps": 1}, lora={**lora, "r": 8, "alpha": 16, "init_adapter": str(first)}))
+    with pytest.raises(ConfigError, match="lora.init_adapter: needs lora.enabled"):
+        config("instruct", aligned, tmp_path / "x", squares["qa"], squares["images"], lora={"init_adapter": str(first)})
+
+
 def test_loss_is_the_mean_over_assistant_tokens_of_the_global_batch(tiny_model_dir, squares):
     """Labels reach the loss as rendered: only assistant tokens count, padding changes nothing, and
     micro-batch losses with the global divisor add up to the loss of the whole batch."""

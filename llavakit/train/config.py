@@ -139,6 +139,11 @@ class LoraConfig:
     """Module names (peft matching); None: every nn.Linear of the language model (LLaVA's choice)."""
     save_adapter: bool = False
     """Also write the adapter alone (adapter/) besides the merged model (model/)."""
+    init_adapter: str | None = None
+    """Go on training a saved adapter (a run's `adapter/` dir, or the run dir holding it) instead of a fresh
+    one: a curriculum in several runs that still ships as one adapter. `init_from` must be the model that
+    adapter was trained on (not its merged model); its r, alpha, target modules and saved modules must
+    match this config."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", "must be >= 1")
@@ -248,6 +253,7 @@ class TrainConfig:
             self.data.template = "plain"
         _check(not (self.lora.enabled and self.stage == "align"), "lora.enabled", "LoRA is for the instruct stage")
         _check(not (self.lora.enabled and not self.train_lm), "lora.enabled", "LoRA trains the language model; train_lm is false")
+        _check(not (self.lora.init_adapter and not self.lora.enabled), "lora.init_adapter", "needs lora.enabled")
         _check(not (self.data.feature_cache and self.train_vision), "data.feature_cache",
                "needs a frozen vision tower (train_vision is true)")
         if self.optim.lr is None:

@@ -48,7 +48,7 @@ def lm_linear_names(llava: nn.Module) -> list[str]:
 
 def apply_lora(llava: nn.Module, lora, *, train_vision: bool) -> nn.Module:
     """LoRA on the language model; the projector (and vision tower if trained) as full `modules_to_save`."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     modules_to_save = [PROJECTOR] + (["vision_tower"] if train_vision else [])
     config = LoraConfig(
@@ -57,7 +57,40 @@ def apply_lora(llava: nn.Module, lora, *, train_vision: bool) -> nn.Module:
     )
     with warnings.catch_warnings():  # peft probes a deprecated transformers property
         warnings.simplefilter("ignore", FutureWarning)
-        return get_peft_model(llava, config)
+        if not lora.init_adapter:
+            return get_peft_model(llava, config)
+        path = adapter_dir(lora.init_adapter)
+        check_adapter(path, config)
+        return PeftModel.from_pretrained(llava, str(path), is_trainable=True)
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """A saved adapter dir, or a run dir holding `adapter/`."""
+    path = Path(path)
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"lora.init_adapter {path}: no adapter_config.json (a run's adapter/ dir, or the run dir)")
+
+
+def check_adapter(path: Path, want) -> None:
+    """The saved adapter at `path` has the shape `want` (a peft LoraConfig) would give; else a ValueError naming it."""
+    from peft import PeftConfig
+
+    have = PeftConfig.from_pretrained(str(path))
+    pairs = {"r": (have.r, want.r), "alpha": (have.lora_alpha, want.lora_alpha),
+             "target_modules": (set(have.target_modules or ()), set(want.target_modules or ())),
+             "modules_to_save": (set(have.modules_to_save or ()), set(want.modules_to_save or ()))}
+    wrong = [_differs(key, a, b) for key, (a, b) in pairs.items() if a != b]
+    if wrong:
+        raise ValueError(f"lora.init_adapter {path}: the adapter does not match this run's LoRA settings: "
+                         + "; ".join(wrong))
+
+
+def _differs(key: str, there, here) -> str:
+    if isinstance(there, set):
+        return f"{key}: {sorted(there - here)[:3]} only there, {sorted(here - there)[:3]} only here"
+    return f"{key}: {there!r} there, {here!r} here"
 
 
 def prepare_model(llava: nn.Module, cfg) -> nn.Module:
