@@ -757,3 +757,31 @@ def test_mix_ratios_ids_and_seed(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"id": 1}]))
     with pytest.raises(DatagenError, match=r"bad.json: record 0 is not a LLaVA record"):
         mix_sources(MixConfig(sources=[str(tmp_path / "bad.json")], out=tmp_path / "m2.json"))
+
+
+def test_grounding_records_ask_every_single_object_scene_the_same_questions(tmp_path):
+    from llavakit.datagen.grounding import grounding_records
+    from llavakit.world.config import WorldConfig
+    from llavakit.world.generate import generate_world
+
+    world = tmp_path / "w"
+    generate_world(WorldConfig(out=str(world), num_images=12, seed=3, max_objects=2, chart_prob=0.0, text_prob=0.0))
+    scenes = [json.loads(x) for x in (world / "scenes.jsonl").read_text().splitlines()]
+    single = [s for s in scenes if len(s["objects"]) == 1]
+    records, left_out = grounding_records(world)
+    assert 0 < len(single) < 12 and len(records) == len(single) and left_out == 12 - len(single)
+    for rec, scene in zip(records, single):
+        obj, turns = scene["objects"][0], rec["conversations"]
+        assert (world / "images" / rec["image"]).is_file()
+        assert [t["value"] for t in turns] == ["<image>\nWhat color is the shape? Answer with one word.", obj["color"],
+                                             "What shape is it? Answer with one word.", obj["category"]]
+        assert rec["provenance"]["qtypes"] == ["color", "shape"]
+    only_shape, _ = grounding_records(world, ("shape",))
+    assert only_shape[0]["conversations"][0]["value"].startswith("<image>\nWhat shape")
+    with pytest.raises(ValueError, match="known are color, shape"):
+        grounding_records(world, ("size",))
+    with pytest.raises(FileNotFoundError, match="scenes.jsonl"):
+        grounding_records(tmp_path)
+    (world / "scenes.jsonl").write_text((world / "scenes.jsonl").read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=r"scenes.jsonl:13: not a scene record"):
+        grounding_records(world)
