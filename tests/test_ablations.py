@@ -44,6 +44,15 @@ def test_each_variant_trains_on_its_own_inputs(tmp_path):
                                                                                 abl / "align_instruct" / "eval")
     assert a.step_hash("align") == recipe.step_hash("align") and a.step_hash("instruct") == recipe.step_hash("instruct")
     assert a.train_config("instruct", out / "instruct") == recipe.train_config("instruct", out / "instruct")
+    # the recipe's ground step belongs to (a) alone: its instruct goes on training ground's adapter
+    assert a.steps == ["align", "ground", "instruct", "eval"] and a.step_dir("ground") == out / "ground"
+    for v in (recipe, a, b):
+        v.results["ground"] = StepResult("ground", out / "ground", "h", "id-ground", True, 0.0, {})
+    assert a.step_hash("instruct") == recipe.step_hash("instruct")
+    adapter = str(out / "ground" / "run" / "adapter")
+    assert a.train_config("instruct", out / "instruct").lora.init_adapter == adapter
+    assert recipe.train_config("instruct", out / "instruct").lora.init_adapter == adapter
+    del b.results["ground"]
     # (b) no align step; stage 2 starts from init, on the instruction mix
     assert b.steps == ["instruct", "eval"]
     cb = b.train_config("instruct", b.step_dir("instruct"))

@@ -44,6 +44,7 @@ def tiny_recipe(tmp: Path, lm: Path) -> dict:
                  "mix": {"instruct": 0.25, "vqa.core": 1.0}, "phrasing": {"prob": 0.5}},
         "init": {"lm": str(lm), "template": "chatml"},
         "align": {"train": small_train}, "instruct": {"train": instruct},
+        "ground": {"world": {"num_images": 16, "seed": 5, "max_objects": 1}, "train": {"optim": {"max_steps": 2}}},
         "eval": {"describe": False, "batch_size": 16, "ablations": ["blind", "paraphrased"]},
         "package": {"out": str(tmp / "package")},
     })
@@ -66,7 +67,7 @@ def recipe_run(tmp_path_factory):
 def test_every_step_writes_its_outputs(recipe_run):
     tmp, cfg, results, _ = recipe_run
     out = Path(cfg["out"])
-    assert list(results) == ["world", "data", "encoder", "init", "align", "instruct", "eval", "package"]
+    assert list(results) == ["world", "data", "encoder", "init", "align", "ground", "instruct", "eval", "package"]
     assert all(not r.skipped for r in results.values())
     for split in ("train", "val", "test"):
         assert (out / "world" / split / "scenes.jsonl").is_file()
@@ -78,6 +79,14 @@ def test_every_step_writes_its_outputs(recipe_run):
         report = json.loads((out / stage / "model" / ".." / "report.json").read_text())
         assert report["steps"] == 3
     assert (out / "instruct" / "adapter" / "adapter_config.json").is_file()
+    # ground: single-object scenes, the fixed attribute questions, a LoRA run that instruct goes on training
+    grounding = json.loads((out / "ground" / "questions.json").read_text())
+    assert len(grounding) + results["ground"].info["left_out"] == 16 and len(grounding) >= 8
+    assert grounding[0]["conversations"][0]["value"].startswith("<image>\nWhat color is the shape?")
+    assert json.loads((out / "ground" / "run" / "report.json").read_text())["steps"] == 2
+    instruct_cfg = json.loads((out / "instruct" / "report.json").read_text())["config"]
+    assert instruct_cfg["lora"]["init_adapter"] == str(out / "ground" / "run" / "adapter")
+    assert instruct_cfg["init_from"] == str(out / "align")
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["runs"] == ["full", "blind", "paraphrased", "majority"]  # majority: the prior-to-beat column
     overall = summary["rows"]["short answers overall (%)"]
@@ -144,6 +153,20 @@ def test_recipe_rejects_unknown_keys_and_shared_seeds():
     with pytest.raises(RecipeError, match="own seed"):
         load_recipe(data={"encoder": {"reuse": "x"}, "world": {"splits": {"train": {"num_images": 2, "seed": 0},
                                                                            "test": {"num_images": 2, "seed": 0}}}})
+
+
+def test_recipe_ground_step_settings_are_checked():
+    lora = {"instruct": {"train": {"lora": {"enabled": True}}}}
+    ground = {"world": {"num_images": 10, "seed": 7, "max_objects": 1}}
+    assert load_recipe(data={"encoder": {"reuse": "x"}, **lora, "ground": ground})["ground"]["world"]["seed"] == 7
+    for bad, match in (({"world": {"num_images": 10, "seed": 0}}, "ground.world.seed: must differ"),
+                       ({"world": {"num_images": 0, "seed": 7}}, "ground.world: needs num_images"),
+                       ({**ground, "attributes": ["size"]}, "ground.attributes .*'size'.*known are color, shape"),
+                       ({**ground, "bogus": 1}, "unknown key 'ground.bogus'")):
+        with pytest.raises(RecipeError, match=match):
+            load_recipe(data={"encoder": {"reuse": "x"}, **lora, "ground": bad})
+    with pytest.raises(RecipeError, match="set instruct.train.lora.enabled"):
+        load_recipe(data={"encoder": {"reuse": "x"}, "ground": ground})
 
 
 def test_default_recipe_file_loads():

@@ -2,8 +2,9 @@
 
 From one recipe file, train and evaluate these variants (the table's columns):
 
-- `align_instruct` (a): the recipe as is. Its align and instruct steps *are* the recipe's own
-  (same directories, same hashes), so a finished `llavakit recipe` run is reused, not retrained;
+- `align_instruct` (a): the recipe as is. Its align, ground (if any) and instruct steps *are* the
+  recipe's own (same directories, same hashes), so a finished `llavakit recipe` run is reused, not
+  retrained; the other variants have no ground step (their stage 2 starts a fresh adapter);
 - `instruct_only` (b): no align stage: stage 2 starts from the init model (projector untrained);
 - `text_only` (c): every training image replaced by a uniform grey square (the same file names,
   so the records and the image-token layout are unchanged; square, so no padding shows the
@@ -82,7 +83,9 @@ class VariantRecipe(Recipe):
     @property
     def steps(self) -> list[str]:
         v = self.variant
-        return ["blank"] * v.blank + ["align"] * v.align + ["instruct", "eval"]
+        # the recipe's ground step goes with its own instruct step only: the other variants start instruct afresh
+        ground = self.grounded and not v.changes("instruct")
+        return ["blank"] * v.blank + ["align"] * v.align + ["ground"] * ground + ["instruct", "eval"]
 
     def run_steps(self) -> dict[str, StepResult]:
         for name in self.steps:
@@ -128,9 +131,11 @@ class VariantRecipe(Recipe):
 
         init = self.results["align" if stage == "instruct" and self.variant.align else "init"].dir
         data = self.data_dir / ("captions.json" if stage == "align" else self.variant.stage2_data)
+        cache = None if self.cfg[stage]["train"].get("train_vision") else str(self.features_dir)
         fixed = {"stage": stage, "init_from": str(init), "out": str(path),
-                 "data": {"path": str(data), "image_folder": str(self.image_folder),
-                          "feature_cache": str(self.features_dir)}}
+                 "data": {"path": str(data), "image_folder": str(self.image_folder), "feature_cache": cache}}
+        if stage == "instruct" and "ground" in self.results:
+            fixed["lora"] = {"init_adapter": str(self.results["ground"].dir / "run" / "adapter")}
         return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], fixed))
 
     # ---- the variant's own steps -------------------------------------------------------------

@@ -50,6 +50,14 @@ DEFAULTS: dict[str, Any] = {
     },
     "init": {"lm": "smollm2-135m", "projector": "mlp2x_gelu", "template": "tokenizer", "seed": 0},
     "align": {"train": {}},
+    # a first LoRA run between align and instruct on grounding questions (llavakit/datagen/grounding.py: the same
+    # colour/shape questions of single-object scenes, which only the image answers); instruct goes on training its
+    # adapter, so the model still ships as one adapter. world None: no ground step (instruct starts from align)
+    "ground": {
+        "world": None,  # {num_images, seed, ...}: world.options plus these WorldConfig fields (min/max_objects: 1)
+        "attributes": ["color", "shape"],
+        "train": {},  # TrainConfig keys over instruct.train (epochs, lr, ...); LoRA shape must stay instruct's
+    },
     "instruct": {"train": {}},
     "eval": {
         "split": "test",
@@ -73,7 +81,7 @@ ABLATION_VARIANTS = {"a": "align_instruct", "b": "instruct_only", "c": "text_onl
 
 REPLACED = {("world", "splits"), ("data", "vqa"), ("data", "mix")}
 """Sections a recipe file replaces as a whole."""
-OPEN = {("align", "train"), ("instruct", "train"), ("world", "options"), ("encoder", "overrides")}
+OPEN = {("align", "train"), ("instruct", "train"), ("ground", "train"), ("world", "options"), ("encoder", "overrides")}
 """Sections whose keys are checked by the stage they go to (merged key by key)."""
 
 
@@ -174,6 +182,19 @@ def check(cfg: dict) -> None:
     seeds = [(s["seed"], n) for n, s in splits.items()]
     if len({s for s, _ in seeds}) != len(seeds):
         raise RecipeError("world.splits: every split needs its own seed (held-out scenes)")
+    ground = cfg["ground"]
+    if ground["world"] is not None:
+        if not isinstance(ground["world"], dict) or int(ground["world"].get("num_images", 0)) < 1 or "seed" not in ground["world"]:
+            raise RecipeError("ground.world: needs num_images >= 1 and seed (or null: no ground step)")
+        if ground["world"]["seed"] in {s["seed"] for s in splits.values()}:
+            raise RecipeError("ground.world.seed: must differ from every world.splits seed (other scenes)")
+        from llavakit.datagen.grounding import ATTRIBUTES
+
+        if not ground["attributes"] or any(a not in ATTRIBUTES for a in ground["attributes"]):
+            raise RecipeError(f"ground.attributes {ground['attributes']!r}: known are {', '.join(ATTRIBUTES)}")
+        if not cfg["instruct"]["train"].get("lora", {}).get("enabled"):
+            raise RecipeError("ground: instruct goes on training the ground step's LoRA adapter; "
+                              "set instruct.train.lora.enabled")
     enc = cfg["encoder"]
     if not enc["reuse"] and not enc["config"] and not enc["overrides"]:
         raise RecipeError("encoder: set reuse (a trained CLIP dir) and/or config (how to train one)")

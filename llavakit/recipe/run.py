@@ -1,4 +1,4 @@
-"""Run a recipe end to end, resumably: world -> data -> encoder -> init -> align -> instruct -> eval -> package.
+"""Run a recipe end to end, resumably: world -> data -> encoder -> init -> align -> [ground] -> instruct -> eval -> package.
 
 Every step writes its outputs into its own directory and, last, a marker file
 (`.recipe-step.json`) holding the step's hash: a digest of the step's settings and of the ids of
@@ -24,7 +24,7 @@ from llavakit.model.package import sha256_file
 from llavakit.recipe.config import RecipeError, _deep_update, digest
 
 MARKER = ".recipe-step.json"
-STEPS = ("world", "data", "encoder", "init", "align", "instruct", "eval", "package")
+STEPS = ("world", "data", "encoder", "init", "align", "ground", "instruct", "eval", "package")
 
 
 def log(msg: str) -> None:
@@ -131,7 +131,7 @@ class Recipe:
 
             torch.set_num_threads(int(self.cfg["threads"]))
         for name in STEPS:
-            if name == "package" and not self.cfg["package"]["out"]:
+            if (name == "package" and not self.cfg["package"]["out"]) or (name == "ground" and not self.grounded):
                 continue
             self.results[name] = self.step(name)
             if name == until:
@@ -139,14 +139,21 @@ class Recipe:
         self.write_state()
         return self.results
 
+    @property
+    def grounded(self) -> bool:
+        """Whether the recipe has a ground step (a LoRA run on grounding questions before instruct)."""
+        return self.cfg["ground"]["world"] is not None
+
     def upstream(self, name: str) -> list[str]:
         deps = {"world": [], "data": ["world"], "encoder": ["world"], "init": ["encoder"], "align": ["init", "data"],
-                "instruct": ["align", "data"], "eval": ["instruct", "world"], "package": ["instruct", "init"]}
+                "ground": ["align"], "instruct": ["align", "data"] + ["ground"] * ("ground" in self.results),
+                "eval": ["instruct", "world"], "package": ["instruct", "init"]}
         return [self.results[d].id for d in deps[name]]
 
     def step_hash(self, name: str) -> str:
         section = {"world": self.cfg["world"], "data": [self.cfg["data"], self.cfg["seed"]],
                    "encoder": self.cfg["encoder"], "init": self.cfg["init"], "align": self.cfg["align"],
+                   "ground": [self.cfg["ground"], self.cfg["world"]["options"], self.cfg["instruct"]],
                    "instruct": self.cfg["instruct"], "eval": self.cfg["eval"], "package": self.cfg["name"]}[name]
         return digest(name, section, self.upstream(name))
 
@@ -181,6 +188,8 @@ class Recipe:
             return (self.step_dir(name) / "model.safetensors").is_file()
         if name in ("align", "instruct"):
             return (self.step_dir(name) / "model" / "model.safetensors").is_file()
+        if name == "ground":
+            return (self.step_dir(name) / "run" / "adapter" / "adapter_config.json").is_file()
         if name == "package":
             return (self.step_dir(name) / "manifest.json").is_file()
         return True
@@ -278,13 +287,29 @@ class Recipe:
         fixed = {"stage": stage, "init_from": str(init), "out": str(path),
                  "data": {"path": str(data), "image_folder": str(self.world_dir("train") / "images"),
                           "feature_cache": cache}}
+        if stage == "instruct" and "ground" in self.results:
+            fixed["lora"] = {"init_adapter": str(self.results["ground"].dir / "run" / "adapter")}
         return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], fixed))
 
+    def ground_config(self, path: Path):
+        """The ground step's run: instruct.train with ground.train over it, on the grounding questions."""
+        from llavakit.train.config import TrainConfig
+
+        train = _deep_update(self.cfg["instruct"]["train"], self.cfg["ground"]["train"])
+        fixed = {"stage": "instruct", "init_from": str(self.results["align"].dir), "out": str(path / "run"),
+                 "data": {"path": str(path / "questions.json"), "image_folder": str(path / "world" / "images"),
+                          "feature_cache": None if train.get("train_vision") else str(path / "features")},
+                 "lora": {"save_adapter": True, "init_adapter": None}}
+        return TrainConfig.from_dict(_deep_update(train, fixed))
+
     def train_stage(self, stage: str, path: Path) -> dict:
+        return self.train_run(stage, self.train_config(stage, path), path)
+
+    def train_run(self, stage: str, cfg, path: Path) -> dict:
+        """Train `cfg` into `path` (its out), resuming from its newest checkpoint."""
         from llavakit.train import checkpoint as ckpt
         from llavakit.train.trainer import train
 
-        cfg = self.train_config(stage, path)
         resume = ckpt.latest(path / "checkpoints") is not None
         if resume:
             self.say(f"{stage}: resuming from {ckpt.latest(path / 'checkpoints')}")
@@ -298,6 +323,25 @@ class Recipe:
 
     def do_align(self, path: Path) -> dict:
         return self.train_stage("align", path)
+
+    def do_ground(self, path: Path) -> dict:
+        from llavakit.datagen.grounding import grounding_records
+        from llavakit.world.config import WorldConfig
+        from llavakit.world.generate import generate_world
+
+        g = self.cfg["ground"]
+        world = path / "world"
+        if world.exists():
+            shutil.rmtree(world)  # an interrupted generation, or a resumed run's (same seed: the same scenes)
+        options = {**self.cfg["world"]["options"], **{k: v for k, v in g["world"].items() if k not in ("num_images", "seed")}}
+        generate_world(WorldConfig(out=str(world), num_images=int(g["world"]["num_images"]), seed=int(g["world"]["seed"]),
+                                   split="train", **_world_options(options)))
+        records, left_out = grounding_records(world, tuple(g["attributes"]))
+        _write_json(path / "questions.json", records)
+        self.say(f"ground: {len(records)} grounding records ({left_out} scenes without exactly one object left out)")
+        info = self.train_run("ground", self.ground_config(path), path / "run")
+        info["records"], info["left_out"] = len(records), left_out
+        return info
 
     def do_instruct(self, path: Path) -> dict:
         return self.train_stage("instruct", path)
