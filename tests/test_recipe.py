@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llavakit.recipe.config import RecipeError, load_recipe
 
@@ -84,7 +85,7 @@ def test_every_step_writes_its_outputs(recipe_run):
     assert len(grounding) + results["ground"].info["left_out"] == 16 and len(grounding) >= 8
     assert grounding[0]["conversations"][0]["value"].startswith("<image>\nWhat color is the shape?")
     assert json.loads((out / "ground" / "run" / "report.json").read_text())["steps"] == 2
-    instruct_cfg = json.loads((out / "instruct" / "report.json").read_text())["config"]
+    instruct_cfg = yaml.safe_load((out / "instruct" / "config.yaml").read_text())
     assert instruct_cfg["lora"]["init_adapter"] == str(out / "ground" / "run" / "adapter")
     assert instruct_cfg["init_from"] == str(out / "align")
     summary = json.loads((out / "eval" / "summary.json").read_text())
@@ -199,6 +200,7 @@ def test_killed_recipe_resumes_training_from_its_checkpoint(tmp_path):
     cfg = tiny_recipe(tmp_path, tiny_llama(tmp_path / "lm"))
     cfg["eval"]["ablations"] = []
     cfg["package"]["out"] = None
+    cfg["ground"]["train"]["runtime"] = {"kill_after_step": None}  # ground inherits instruct.train: not this
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "llavakit.cli", "recipe", str(recipe)]
@@ -209,7 +211,7 @@ def test_killed_recipe_resumes_training_from_its_checkpoint(tmp_path):
     assert (out / "instruct" / "checkpoints").is_dir() and not (out / "instruct" / ".recipe-step.json").exists()
     done = subprocess.run(cmd + ["--until", "instruct"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "align: done already" in done.stdout and "instruct: resuming from" in done.stdout
+    assert "ground: done already" in done.stdout and "instruct: resuming from" in done.stdout
     report = json.loads((out / "instruct" / "report.json").read_text())
     assert report["resumed_from_step"] == 2 and report["steps"] == 3
 

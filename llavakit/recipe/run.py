@@ -153,7 +153,7 @@ class Recipe:
     def step_hash(self, name: str) -> str:
         section = {"world": self.cfg["world"], "data": [self.cfg["data"], self.cfg["seed"]],
                    "encoder": self.cfg["encoder"], "init": self.cfg["init"], "align": self.cfg["align"],
-                   "ground": [self.cfg["ground"], self.cfg["world"]["options"], self.cfg["instruct"]],
+                   "ground": [self.cfg["ground"], self.cfg["world"]["options"], self.ground_train()],
                    "instruct": self.cfg["instruct"], "eval": self.cfg["eval"], "package": self.cfg["name"]}[name]
         return digest(name, section, self.upstream(name))
 
@@ -291,11 +291,15 @@ class Recipe:
             fixed["lora"] = {"init_adapter": str(self.results["ground"].dir / "run" / "adapter")}
         return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], fixed))
 
+    def ground_train(self) -> dict:
+        """The ground step's train settings: instruct.train with ground.train over it."""
+        return _deep_update(self.cfg["instruct"]["train"], self.cfg["ground"]["train"])
+
     def ground_config(self, path: Path):
         """The ground step's run: instruct.train with ground.train over it, on the grounding questions."""
         from llavakit.train.config import TrainConfig
 
-        train = _deep_update(self.cfg["instruct"]["train"], self.cfg["ground"]["train"])
+        train = self.ground_train()
         fixed = {"stage": "instruct", "init_from": str(self.results["align"].dir), "out": str(path / "run"),
                  "data": {"path": str(path / "questions.json"), "image_folder": str(path / "world" / "images"),
                           "feature_cache": None if train.get("train_vision") else str(path / "features")},
