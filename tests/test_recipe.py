@@ -119,6 +119,28 @@ def test_rerun_skips_completed_steps_and_redoes_changed_ones(recipe_run):
 
 
 @pytest.mark.slow
+def test_demo_asks_the_shipped_model_about_held_out_images_like_its_training_world(recipe_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """`llavakit demo` with a shipped package: materialised into the cache, then questions and the benchmark on
+    held-out images made with the recipe's world options (here max_objects 3, where the CLI default is 6)."""
+    from llavakit import default_model
+    from llavakit.recipe.demo import demo
+
+    tmp, cfg, results, _ = recipe_run
+    monkeypatch.setattr(default_model, "WEIGHTS", tmp / "package")
+    monkeypatch.setenv("LLAVAKIT_CACHE", str(tmp_path / "cache"))
+    assert demo(out=str(tmp_path / "demo"), images=1, bench_images=3) == 0
+    out = capsys.readouterr().out
+    assert "== default model: 1 held-out generated images" in out and "offline benchmark, default model" in out
+    assert "short answers overall" in out and "PILOT" not in out
+    assert list((tmp_path / "cache" / "models").glob("default-*/model.safetensors"))
+    worlds = sorted(p for p in (tmp_path / "demo").glob("world-test-*") if p.is_dir())
+    assert len(worlds) == 2
+    for world in worlds:
+        assert json.loads((world / "world.json").read_text())["config"]["max_objects"] == 3
+
+
+@pytest.mark.slow
 def test_package_round_trip_gives_identical_logits(recipe_run, tmp_path):
     import torch
 

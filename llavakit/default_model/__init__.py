@@ -20,6 +20,15 @@ def available() -> bool:
     return (WEIGHTS / "manifest.json").is_file()
 
 
+def manifest() -> dict:
+    """The shipped manifest (file digests, base LM, the recipe it was trained with, its measured scores)."""
+    from llavakit.model.package import read_manifest
+
+    if not available():
+        raise FileNotFoundError(f"the default model is not shipped in this checkout ({WEIGHTS / 'manifest.json'} is missing)")
+    return read_manifest(WEIGHTS)
+
+
 def _stderr(msg: str) -> None:
     import sys
 

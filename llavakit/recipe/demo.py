@@ -35,32 +35,39 @@ def demo(out: str = "runs/demo", images: int = 3, bench_images: int = 30, seed: 
     out_dir.mkdir(parents=True, exist_ok=True)
     label = "model"
     pilot_table = None
+    options: dict = {}  # the world settings of the held-out images: those the model was trained on, where known
     if model is not None:
         model_dir, label = Path(model), str(model)
     elif default_model.available():
         log("default model: materialising it from the shipped parts (once; reused afterwards)")
         model_dir, label = default_model.path(progress=log), "default model"
+        options = trained_world_options(default_model.manifest().get("recipe"))
     else:
         log(f"The default model is not shipped in this checkout yet ({default_model.WEIGHTS / 'manifest.json'} "
             f"is missing): `llavakit recipe {default_model.RECIPE}` trains and packages it (about 2 hours on 2 cores), "
             "but its last full run did not learn to use the images (docs/default-model.md), so it is not shipped.")
         log(PILOT_BANNER)
-        model_dir, pilot_table = run_pilot(pilot_recipe)
+        model_dir, pilot_table, options = run_pilot(pilot_recipe)
         label = "pilot"
     from llavakit.infer.api import load_pipeline
 
     log(f"loading {label} from {model_dir}")
     pipe = load_pipeline(model_dir)
-    ask_about_images(pipe, out_dir, images, seed, label)
+    ask_about_images(pipe, out_dir, images, seed, label, options)
     if benchmark:
-        run_small_benchmark(pipe, out_dir, bench_images, seed + 1, label, tag=model_tag(Path(model_dir)))
+        run_small_benchmark(pipe, out_dir, bench_images, seed + 1, label, tag=model_tag(Path(model_dir)), options=options)
     if pilot_table:
         print(f"\nThe pilot recipe's own benchmark (its held-out test split), measured when it was trained:\n{pilot_table}")
         print(PILOT_BANNER)
     return 0
 
 
-def run_pilot(recipe_file: str) -> tuple[Path, str | None]:
+def trained_world_options(recipe: dict | None) -> dict:
+    """The world options a recipe trained on (the held-out images should look like them); {} if unknown."""
+    return dict(((recipe or {}).get("world") or {}).get("options") or {})
+
+
+def run_pilot(recipe_file: str) -> tuple[Path, str | None, dict]:
     from llavakit.recipe.config import load_recipe
     from llavakit.recipe.run import run_recipe
 
@@ -70,21 +77,24 @@ def run_pilot(recipe_file: str) -> tuple[Path, str | None]:
     log(f"pilot: running {recipe_file} into {cfg['out']} (resumable; finished steps are skipped)")
     results = run_recipe(cfg, until="eval")
     table = (results["eval"].dir / "summary.md").read_text() if "eval" in results else None
-    return results["instruct"].dir / "model", table
+    return results["instruct"].dir / "model", table, trained_world_options(cfg)
 
 
-def make_world(out: Path, n: int, seed: int) -> Path:
+def make_world(out: Path, n: int, seed: int, options: dict | None = None) -> Path:
+    """A held-out world split ('test') of `n` images with the given WorldConfig options (default: 3 backgrounds)."""
+    from llavakit.recipe.config import digest
     from llavakit.world.config import WorldConfig
     from llavakit.world.generate import generate_world
 
-    world = out / f"world-test-{seed}-{n}"
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in (options or {}).items()}
+    options.setdefault("backgrounds", ("plain", "gradient", "noise"))
+    world = out / f"world-test-{seed}-{n}-{digest(options)[:8]}"
     if not (world / "scenes.jsonl").is_file():
         import shutil
 
         if world.exists():
             shutil.rmtree(world)
-        generate_world(WorldConfig(out=str(world), num_images=n, seed=seed, split="test",
-                                   backgrounds=("plain", "gradient", "noise")))
+        generate_world(WorldConfig(out=str(world), num_images=n, seed=seed, split="test", **options))
     return world
 
 
@@ -106,10 +116,10 @@ def demo_questions(world: Path, out: Path, seed: int) -> list[dict]:
     return picked
 
 
-def ask_about_images(pipe, out: Path, n: int, seed: int, label: str) -> None:
+def ask_about_images(pipe, out: Path, n: int, seed: int, label: str, options: dict | None = None) -> None:
     from llavakit.eval.text import normalize_vqa
 
-    world = make_world(out, n, seed)
+    world = make_world(out, n, seed, options)
     questions = demo_questions(world, out, seed)
     by_image: dict[str, list[dict]] = {}
     for q in questions:
@@ -146,21 +156,22 @@ def model_tag(model_dir: Path) -> str:
     return digest(str(model_dir.resolve()), stat.st_size if stat else None, stat.st_mtime_ns if stat else None)[:10]
 
 
-def run_small_benchmark(pipe, out: Path, n: int, seed: int, label: str, tag: str = "model") -> dict:
+def run_small_benchmark(pipe, out: Path, n: int, seed: int, label: str, tag: str = "model",
+                        options: dict | None = None) -> dict:
     from llavakit.recipe.evaluate import build_benchmark, format_table, majority_rows, run_benchmarks, summary_rows
 
-    world = make_world(out, n, seed)
-    bench = out / f"offline-{n}.json"
+    world = make_world(out, n, seed, options)
+    bench = out / f"offline-{n}-{world.name}.json"
     built = build_benchmark(world, bench, seed=0, pope_per_image=3, describe=False)
     print(f"\n== offline benchmark, {label}: {built['scenes']} held-out images, {sum(built['questions'].values())} "
           "questions (exact match; POPE F1 and yes-ratio) ==", flush=True)
     t0 = time.perf_counter()
-    runs = run_benchmarks(pipe, bench, out / f"bench-{n}-{tag}", ablations=["paraphrased"], batch_size=8, seed=0, say=log,
+    runs = run_benchmarks(pipe, bench, out / f"bench-{world.name}-{tag}", ablations=["paraphrased"], batch_size=8, seed=0, say=log,
                           model_id=label)
     rows = summary_rows(runs)
     for metric, values in majority_rows(bench).items():
         rows.setdefault(metric, {}).update(values)
     print(format_table(rows, [*runs, "majority"]))
     print("majority: always the most frequent answer of each task on these questions (the prior to beat)")
-    print(f"({time.perf_counter() - t0:.0f} s; answers and results in {out / f'bench-{n}-{tag}'})")
+    print(f"({time.perf_counter() - t0:.0f} s; answers and results in {out / f'bench-{world.name}-{tag}'})")
     return runs
