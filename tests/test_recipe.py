@@ -185,7 +185,8 @@ def test_recipe_ground_step_settings_are_checked():
     for bad, match in (({"world": {"num_images": 10, "seed": 0}}, "ground.world.seed: must differ"),
                        ({"world": {"num_images": 0, "seed": 7}}, "ground.world: needs num_images"),
                        ({**ground, "attributes": ["size"]}, "ground.attributes .*'size'.*known are color, shape"),
-                       ({**ground, "bogus": 1}, "unknown key 'ground.bogus'")):
+                       ({**ground, "bogus": 1}, "unknown key 'ground.bogus'"),
+                       ({"world": {**ground["world"], "max_objets": 1}}, "ground.world.max_objets: not a world setting")):
         with pytest.raises(RecipeError, match=match):
             load_recipe(data={"encoder": {"reuse": "x"}, **lora, "ground": bad})
     with pytest.raises(RecipeError, match="set instruct.train.lora.enabled"):

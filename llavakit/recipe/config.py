@@ -188,6 +188,14 @@ def check(cfg: dict) -> None:
             raise RecipeError("ground.world: needs num_images >= 1 and seed (or null: no ground step)")
         if ground["world"]["seed"] in {s["seed"] for s in splits.values()}:
             raise RecipeError("ground.world.seed: must differ from every world.splits seed (other scenes)")
+        import dataclasses
+
+        from llavakit.world.config import WorldConfig
+
+        known = {f.name for f in dataclasses.fields(WorldConfig)} - {"out", "split"}
+        for key in ground["world"]:
+            if key not in known:
+                raise RecipeError(f"ground.world.{key}: not a world setting (known: {', '.join(sorted(known))})")
         from llavakit.datagen.grounding import ATTRIBUTES
 
         if not ground["attributes"] or any(a not in ATTRIBUTES for a in ground["attributes"]):
