@@ -184,6 +184,28 @@ def test_lora_init_adapter_goes_on_training_a_saved_adapter(aligned, squares, tm
         config("instruct", aligned, tmp_path / "x", squares["qa"], squares["images"], lora={"init_adapter": str(first)})
 
 
+def test_lora_init_adapter_reads_an_adapter_whose_targets_peft_saved_compressed(tiny_parts, tmp_path):
+    """With 20+ target layers peft saves target_modules as a short pattern: the wrapped layers are compared."""
+    from conftest import make_model
+    from peft import PeftConfig
+
+    from llavakit.model.tiny import tiny_llama
+    from llavakit.train.config import LoraConfig
+    from llavakit.train.model import apply_lora
+
+    model_dir = make_model({**tiny_parts, "llama": tiny_llama(tmp_path / "lm3", layers=3)}, tmp_path / "m")  # 21 linears
+    lora = LoraConfig(enabled=True, r=4, alpha=8)
+    apply_lora(load_model(model_dir).model, lora, train_vision=False).save_pretrained(tmp_path / "adapter")
+    saved = PeftConfig.from_pretrained(str(tmp_path / "adapter")).target_modules
+    assert len(saved) < 21 or isinstance(saved, str)  # the compressed form this test is about
+    again = apply_lora(load_model(model_dir).model, LoraConfig(enabled=True, r=4, alpha=8, init_adapter=str(tmp_path)),
+                       train_vision=False)
+    assert sum(1 for _, m in again.named_modules() if hasattr(m, "lora_A")) == 21
+    with pytest.raises(ValueError, match="target_modules: .*only there"):
+        apply_lora(load_model(model_dir).model, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj"],
+                                                          init_adapter=str(tmp_path / "adapter")), train_vision=False)
+
+
 def test_loss_is_the_mean_over_assistant_tokens_of_the_global_batch(tiny_model_dir, squares):
     """Labels reach the loss as rendered: only assistant tokens count, padding changes nothing, and
     micro-batch losses with the global divisor add up to the loss of the whole batch."""

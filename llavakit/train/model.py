@@ -49,6 +49,7 @@ def lm_linear_names(llava: nn.Module) -> list[str]:
 def apply_lora(llava: nn.Module, lora, *, train_vision: bool) -> nn.Module:
     """LoRA on the language model; the projector (and vision tower if trained) as full `modules_to_save`."""
     from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.tuners_utils import check_target_module_exists
 
     modules_to_save = [PROJECTOR] + (["vision_tower"] if train_vision else [])
     config = LoraConfig(
@@ -61,7 +62,14 @@ def apply_lora(llava: nn.Module, lora, *, train_vision: bool) -> nn.Module:
             return get_peft_model(llava, config)
         path = adapter_dir(lora.init_adapter)
         check_adapter(path, config)
-        return PeftModel.from_pretrained(llava, str(path), is_trainable=True)
+        targets = {name for name, m in llava.named_modules() if isinstance(m, nn.Linear) and check_target_module_exists(config, name)}
+        model = PeftModel.from_pretrained(llava, str(path), is_trainable=True)
+    # peft may save target_modules in a compressed form: compare the layers it wrapped with this run's targets
+    wrapped = {name.removeprefix("base_model.model.") for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    if wrapped != targets:
+        raise ValueError(f"lora.init_adapter {path}: the adapter does not match this run's LoRA settings: "
+                         + _differs("target_modules", wrapped, targets))
+    return model
 
 
 def adapter_dir(path: str | Path) -> Path:
@@ -79,7 +87,6 @@ def check_adapter(path: Path, want) -> None:
 
     have = PeftConfig.from_pretrained(str(path))
     pairs = {"r": (have.r, want.r), "alpha": (have.lora_alpha, want.lora_alpha),
-             "target_modules": (set(have.target_modules or ()), set(want.target_modules or ())),
              "modules_to_save": (set(have.modules_to_save or ()), set(want.modules_to_save or ()))}
     wrong = [_differs(key, a, b) for key, (a, b) in pairs.items() if a != b]
     if wrong:
