@@ -237,6 +237,17 @@ def test_killed_recipe_resumes_training_from_its_checkpoint(tmp_path):
     assert "ground: done already" in done.stdout and "instruct: resuming from" in done.stdout
     report = json.loads((out / "instruct" / "report.json").read_text())
     assert report["resumed_from_step"] == 2 and report["steps"] == 3
+    # an unfinished run (checkpoints, no marker or report) and a rerun with other instruct settings: moved aside
+    (out / "instruct" / ".recipe-step.json").unlink()
+    report_file = out / "instruct" / "report.json"
+    report_file.unlink()
+    changed = subprocess.run(cmd + ["instruct.train.optim.lr=3e-3", "--until", "instruct"], capture_output=True, text=True)
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "holds an unfinished run with other settings" in changed.stdout and "optim.lr" in changed.stdout
+    assert (out / "instruct.stale-unfinished" / "checkpoints").is_dir()
+    report = json.loads(report_file.read_text())
+    assert report["resumed_from_step"] is None and report["steps"] == 3
+    assert yaml.safe_load((out / "instruct" / "config.yaml").read_text())["optim"]["lr"] == 3e-3
 
 
 def test_two_runs_of_one_recipe_never_overlap(tmp_path):

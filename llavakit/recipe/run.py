@@ -315,6 +315,10 @@ class Recipe:
         from llavakit.train.trainer import train
 
         resume = ckpt.latest(path / "checkpoints") is not None
+        if resume and (why := self.other_settings(cfg, path)):
+            moved = move_aside(path, "unfinished")
+            self.say(f"{stage}: {path} holds an unfinished run with other settings ({why}); moved it to {moved}")
+            resume = False
         if resume:
             self.say(f"{stage}: resuming from {ckpt.latest(path / 'checkpoints')}")
         elif path.exists():
@@ -324,6 +328,18 @@ class Recipe:
         return {"report": {k: report.get(k) for k in ("steps", "tokens", "train_seconds", "tokens_per_s", "final_loss",
                                                        "first_eval_loss", "eval_loss", "records", "resumed_from_step")},
                 "identity": sha256_file(path / "model" / "model.safetensors")}
+
+    @staticmethod
+    def other_settings(cfg, path: Path) -> str | None:
+        """Why the unfinished run in `path` cannot be resumed with `cfg` (the trainer's own check), or None."""
+        from llavakit.train.config import ConfigError
+        from llavakit.train.setup import check_same_config
+
+        try:
+            check_same_config(cfg, path / "config.yaml")
+        except (ConfigError, OSError) as exc:
+            return str(exc)
+        return None
 
     def do_align(self, path: Path) -> dict:
         return self.train_stage("align", path)
