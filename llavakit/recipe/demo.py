@@ -45,7 +45,8 @@ def demo(out: str = "runs/demo", images: int = 3, bench_images: int = 30, seed: 
     else:
         log(f"The default model is not shipped in this checkout yet ({default_model.WEIGHTS / 'manifest.json'} "
             f"is missing): `llavakit recipe {default_model.RECIPE}` trains and packages it (about 2 hours on 2 cores), "
-            "but its last full run did not learn to use the images (docs/default-model.md), so it is not shipped.")
+            "but the model of its last full run reads little beyond colour from its images (docs/default-model.md), "
+            "so it is not shipped.")
         log(PILOT_BANNER)
         model_dir, pilot_table, options = run_pilot(pilot_recipe)
         label = "pilot"
