@@ -191,6 +191,23 @@ def test_recipe_ground_step_settings_are_checked():
             load_recipe(data={"encoder": {"reuse": "x"}, **lora, "ground": bad})
     with pytest.raises(RecipeError, match="set instruct.train.lora.enabled"):
         load_recipe(data={"encoder": {"reuse": "x"}, "ground": ground})
+    with pytest.raises(RecipeError, match="ground.train.lora.r: set it in instruct.train only"):
+        load_recipe(data={"encoder": {"reuse": "x"}, **lora, "ground": {**ground, "train": {"lora": {"r": 8}}}})
+
+
+def test_ground_step_needs_single_object_scenes_and_until_names_a_step_that_runs(tmp_path):
+    from llavakit.recipe.run import Recipe, StepResult
+
+    lora = {"instruct": {"train": {"lora": {"enabled": True}}}}
+    cfg = load_recipe(data={"out": str(tmp_path / "run"), "encoder": {"reuse": "x"}, **lora,
+                            "ground": {"world": {"num_images": 3, "seed": 7, "min_objects": 2, "max_objects": 3}}})
+    recipe = Recipe(cfg, say=lambda m: None)
+    recipe.results["align"] = StepResult("align", tmp_path / "align", "h", "id", True, 0.0, {})
+    with pytest.raises(RecipeError, match="ground: none of the 3 scenes of ground.world has exactly one object"):
+        recipe.do_ground(tmp_path / "ground")
+    plain = Recipe(load_recipe(data={"out": str(tmp_path / "other"), "encoder": {"reuse": "x"}}), say=lambda m: None)
+    with pytest.raises(RecipeError, match="--until ground: this recipe has no ground step"):
+        plain.run(until="ground")
 
 
 def test_default_recipe_file_loads():
@@ -248,6 +265,16 @@ def test_killed_recipe_resumes_training_from_its_checkpoint(tmp_path):
     report = json.loads(report_file.read_text())
     assert report["resumed_from_step"] is None and report["steps"] == 3
     assert yaml.safe_load((out / "instruct" / "config.yaml").read_text())["optim"]["lr"] == 3e-3
+    # killed again; then ground changes (so instruct's inputs do, not its own settings): not resumed either
+    lr = ["instruct.train.optim.lr=3e-3"]
+    killed = subprocess.run(cmd + lr + ["instruct.train.runtime.kill_after_step=2", "--until", "instruct"],
+                            capture_output=True, text=True)
+    assert killed.returncode != 0 and (out / ".instruct.pending").is_file(), killed.stdout[-2000:]
+    redone = subprocess.run(cmd + lr + ["ground.train.optim.lr=5e-3", "--until", "instruct"], capture_output=True, text=True)
+    assert redone.returncode == 0, redone.stderr[-2000:]
+    assert "ground: settings or inputs changed" in redone.stdout
+    assert "instruct: " + str(out / "instruct") + " was left unfinished with other settings or inputs" in redone.stdout
+    assert json.loads(report_file.read_text())["resumed_from_step"] is None and not (out / ".instruct.pending").exists()
 
 
 def test_two_runs_of_one_recipe_never_overlap(tmp_path):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-STEP_NAMES = ("world", "data", "encoder", "init", "align", "instruct", "eval", "package")
+STEP_NAMES = ("world", "data", "encoder", "init", "align", "ground", "instruct", "eval", "package")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "recipe", help="run a whole recipe (world, data, encoder, init, align, instruct, eval, package), resumably",
+        "recipe", help="run a whole recipe (world, data, encoder, init, align, [ground], instruct, eval, package), resumably",
         description="Run every step of a recipe file; finished steps (marker with the same settings) are skipped, "
                     "training resumes from checkpoints. configs/default/recipe.yaml trains the default model.")
     p.add_argument("recipe", help="recipe YAML (configs/default/recipe.yaml)")

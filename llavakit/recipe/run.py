@@ -4,8 +4,11 @@ Every step writes its outputs into its own directory and, last, a marker file
 (`.recipe-step.json`) holding the step's hash: a digest of the step's settings and of the ids of
 the steps it reads. A step whose marker holds the current hash is skipped; one whose marker
 holds another hash is moved aside (`<dir>.stale-<hash>`) and redone. Training steps resume from
-their newest checkpoint (the trainer refuses a checkpoint written with another config); the
-evaluation resumes from its answer files.
+their newest checkpoint and the evaluation from its answer files, but only work started with the
+same settings and inputs: a resuming step records its resume key (its hash without the settings
+a resumed run may change) in `.<dir>.pending` beside its dir, and unfinished work under another
+key, or a training run with another saved config, is moved aside (`<dir>.stale-partial`,
+`<dir>.stale-unfinished`) and started afresh.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from llavakit.recipe.config import RecipeError, _deep_update, digest
 
 MARKER = ".recipe-step.json"
 STEPS = ("world", "data", "encoder", "init", "align", "ground", "instruct", "eval", "package")
+RESUMING = ("align", "ground", "instruct", "eval")
+"""Steps that go on from unfinished work (training checkpoints, answer files)."""
 
 
 def log(msg: str) -> None:
@@ -98,6 +103,10 @@ class Recipe:
     def run(self, until: str | None = None) -> dict[str, StepResult]:
         if until is not None and until not in STEPS:
             raise RecipeError(f"unknown step {until!r}; steps: {', '.join(STEPS)}")
+        if until == "ground" and not self.grounded:
+            raise RecipeError("--until ground: this recipe has no ground step (ground.world is null)")
+        if until == "package" and not self.cfg["package"]["out"]:
+            raise RecipeError("--until package: this recipe has no package step (package.out is null)")
         self.out.mkdir(parents=True, exist_ok=True)
         with self.lock():
             return self._run(until)
@@ -169,14 +178,37 @@ class Recipe:
             moved = move_aside(path, marker.get("hash", "unknown"))
             self.say(f"{name}: settings or inputs changed since {path} was made; moved it to {moved}")
         self.say(f"{name}: running -> {path}")
+        if name in RESUMING:
+            self.guard_partial(name, path)
         t0 = time.perf_counter()
         info = getattr(self, f"do_{name}")(path) or {}
         seconds = time.perf_counter() - t0
         step_id = digest(h, info.get("identity")) if info.get("identity") else h
         write_marker(path, {"step": name, "hash": h, "id": step_id, "seconds": seconds,
                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "info": info})
+        pending_file(path).unlink(missing_ok=True)
         self.say(f"{name}: done in {seconds:.0f} s")
         return StepResult(name, path, h, step_id, False, seconds, info)
+
+    def resume_key(self, name: str) -> str:
+        """What unfinished work of step `name` must share to be resumed: its hash without resumable settings."""
+        if name in ("align", "instruct"):
+            section = _fixed_train_settings(self.cfg[name]["train"])
+        elif name == "ground":
+            section = [{k: v for k, v in self.cfg["ground"].items() if k != "train"}, self.cfg["world"]["options"],
+                       _fixed_train_settings(self.ground_train())]
+        else:
+            return self.step_hash(name)
+        return digest(name, "resume", section, self.upstream(name))
+
+    def guard_partial(self, name: str, path: Path) -> None:
+        """Move aside unfinished work of `name` started under another resume key; record the current one."""
+        pending, key = pending_file(path), self.resume_key(name)
+        if path.exists() and pending.is_file() and pending.read_text(encoding="utf-8").strip() != key:
+            moved = move_aside(path, "partial")
+            self.say(f"{name}: {path} was left unfinished with other settings or inputs; moved it to {moved}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pending.write_text(key + "\n", encoding="utf-8")
 
     def still_valid(self, name: str, marker: dict) -> bool:
         """Cheap checks that a finished step's outputs are still what it recorded."""
@@ -337,8 +369,8 @@ class Recipe:
 
         try:
             check_same_config(cfg, path / "config.yaml")
-        except (ConfigError, OSError) as exc:
-            return str(exc)
+        except (ConfigError, OSError, ValueError, AttributeError, TypeError) as exc:  # also a torn or empty config.yaml
+            return str(exc) or type(exc).__name__
         return None
 
     def do_align(self, path: Path) -> dict:
@@ -353,10 +385,15 @@ class Recipe:
         world = path / "world"
         if world.exists():
             shutil.rmtree(world)  # an interrupted generation, or a resumed run's (same seed: the same scenes)
-        options = {**self.cfg["world"]["options"], **{k: v for k, v in g["world"].items() if k not in ("num_images", "seed")}}
+        # single-object scenes unless ground.world says otherwise (grounding questions need exactly one object)
+        options = {**self.cfg["world"]["options"], "min_objects": 1, "max_objects": 1,
+                   **{k: v for k, v in g["world"].items() if k not in ("num_images", "seed")}}
         generate_world(WorldConfig(out=str(world), num_images=int(g["world"]["num_images"]), seed=int(g["world"]["seed"]),
                                    split="train", **_world_options(options)))
         records, left_out = grounding_records(world, tuple(g["attributes"]))
+        if not records:
+            raise RecipeError(f"ground: none of the {left_out} scenes of ground.world has exactly one object "
+                              "(set ground.world.max_objects: 1)")
         _write_json(path / "questions.json", records)
         self.say(f"ground: {len(records)} grounding records ({left_out} scenes without exactly one object left out)")
         info = self.train_run("ground", self.ground_config(path), path / "run")
@@ -375,6 +412,26 @@ class Recipe:
         from llavakit.recipe.package import package_model
 
         return package_model(self, path)
+
+
+def pending_file(path: Path) -> Path:
+    """Where a resuming step records the resume key of its unfinished work (beside its dir, so never wiped with it)."""
+    return path.with_name(f".{path.name}.pending")
+
+
+def _fixed_train_settings(train: dict) -> dict:
+    """A stage's train settings without those a resumed run may change (the trainer's RESUMABLE_CHANGES)."""
+    from llavakit.train.setup import RESUMABLE_CHANGES
+
+    out = json.loads(json.dumps(train))
+    for key in RESUMABLE_CHANGES:
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 
 def _world_options(options: dict) -> dict:
