@@ -200,9 +200,17 @@ def check(cfg: dict) -> None:
 
         if not ground["attributes"] or any(a not in ATTRIBUTES for a in ground["attributes"]):
             raise RecipeError(f"ground.attributes {ground['attributes']!r}: known are {', '.join(ATTRIBUTES)}")
-        if not cfg["instruct"]["train"].get("lora", {}).get("enabled"):
+        instruct = cfg["instruct"]["train"]
+        if not instruct.get("lora", {}).get("enabled"):
             raise RecipeError("ground: instruct goes on training the ground step's LoRA adapter; "
                               "set instruct.train.lora.enabled")
+        # instruct loads ground's adapter, so its shape comes from instruct.train alone
+        lora = ground["train"].get("lora") or {}
+        shaping = [f"lora.{k}" for k in ("enabled", "r", "alpha", "dropout", "target_modules") if k in lora]
+        shaping += ["train_vision"] if "train_vision" in ground["train"] else []
+        if shaping:
+            raise RecipeError(f"ground.train.{shaping[0]}: set it in instruct.train only "
+                              "(instruct goes on training the ground step's adapter, which must have its shape)")
     enc = cfg["encoder"]
     if not enc["reuse"] and not enc["config"] and not enc["overrides"]:
         raise RecipeError("encoder: set reuse (a trained CLIP dir) and/or config (how to train one)")

@@ -82,13 +82,14 @@ def run_pilot(recipe_file: str) -> tuple[Path, str | None, dict]:
 
 
 def make_world(out: Path, n: int, seed: int, options: dict | None = None) -> Path:
-    """A held-out world split ('test') of `n` images with the given WorldConfig options (default: 3 backgrounds)."""
+    """A held-out world split ('test') of `n` images with the given WorldConfig options (none: 3 backgrounds)."""
     from llavakit.recipe.config import digest
     from llavakit.world.config import WorldConfig
     from llavakit.world.generate import generate_world
 
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in (options or {}).items()}
-    options.setdefault("backgrounds", ("plain", "gradient", "noise"))
+    if not options:  # no training world known: the CLI's world with all three backgrounds
+        options["backgrounds"] = ("plain", "gradient", "noise")
     world = out / f"world-test-{seed}-{n}-{digest(options)[:8]}"
     if not (world / "scenes.jsonl").is_file():
         import shutil

@@ -142,8 +142,8 @@ class LoraConfig:
     init_adapter: str | None = None
     """Go on training a saved adapter (a run's `adapter/` dir, or the run dir holding it) instead of a fresh
     one: a curriculum in several runs that still ships as one adapter. `init_from` must be the model that
-    adapter was trained on (not its merged model); its r, alpha, target modules and saved modules must
-    match this config."""
+    adapter was trained on (not its merged model); its r, alpha, dropout, target modules and saved modules
+    must match this config."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", "must be >= 1")

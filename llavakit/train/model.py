@@ -87,6 +87,7 @@ def check_adapter(path: Path, want) -> None:
 
     have = PeftConfig.from_pretrained(str(path))
     pairs = {"r": (have.r, want.r), "alpha": (have.lora_alpha, want.lora_alpha),
+             "dropout": (have.lora_dropout, want.lora_dropout),  # peft would use the saved one, silently
              "modules_to_save": (set(have.modules_to_save or ()), set(want.modules_to_save or ()))}
     wrong = [_differs(key, a, b) for key, (a, b) in pairs.items() if a != b]
     if wrong:
