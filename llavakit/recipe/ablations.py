@@ -134,9 +134,7 @@ class VariantRecipe(Recipe):
         cache = None if self.cfg[stage]["train"].get("train_vision") else str(self.features_dir)
         fixed = {"stage": stage, "init_from": str(init), "out": str(path),
                  "data": {"path": str(data), "image_folder": str(self.image_folder), "feature_cache": cache}}
-        if stage == "instruct" and "ground" in self.results:
-            fixed["lora"] = {"init_adapter": str(self.results["ground"].dir / "run" / "adapter")}
-        return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], fixed))
+        return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], self.from_ground(stage, fixed)))
 
     # ---- the variant's own steps -------------------------------------------------------------
 

@@ -84,10 +84,11 @@ def run_pilot(recipe_file: str) -> tuple[Path, str | None, dict]:
 def make_world(out: Path, n: int, seed: int, options: dict | None = None) -> Path:
     """A held-out world split ('test') of `n` images with the given WorldConfig options (none: 3 backgrounds)."""
     from llavakit.recipe.config import digest
+    from llavakit.recipe.run import world_options
     from llavakit.world.config import WorldConfig
     from llavakit.world.generate import generate_world
 
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in (options or {}).items()}
+    options = world_options(options or {})
     if not options:  # no training world known: the CLI's world with all three backgrounds
         options["backgrounds"] = ("plain", "gradient", "noise")
     world = out / f"world-test-{seed}-{n}-{digest(options)[:8]}"
@@ -168,12 +169,12 @@ def run_small_benchmark(pipe, out: Path, n: int, seed: int, label: str, tag: str
     print(f"\n== offline benchmark, {label}: {built['scenes']} held-out images, {sum(built['questions'].values())} "
           "questions (exact match; POPE F1 and yes-ratio) ==", flush=True)
     t0 = time.perf_counter()
-    runs = run_benchmarks(pipe, bench, out / f"bench-{world.name}-{tag}", ablations=["paraphrased"], batch_size=8, seed=0, say=log,
-                          model_id=label)
+    answers = out / f"bench-{world.name}-{tag}"
+    runs = run_benchmarks(pipe, bench, answers, ablations=["paraphrased"], batch_size=8, seed=0, say=log, model_id=label)
     rows = summary_rows(runs)
     for metric, values in majority_rows(bench).items():
         rows.setdefault(metric, {}).update(values)
     print(format_table(rows, [*runs, "majority"]))
     print("majority: always the most frequent answer of each task on these questions (the prior to beat)")
-    print(f"({time.perf_counter() - t0:.0f} s; answers and results in {out / f'bench-{world.name}-{tag}'})")
+    print(f"({time.perf_counter() - t0:.0f} s; answers and results in {answers})")
     return runs

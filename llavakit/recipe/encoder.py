@@ -50,7 +50,7 @@ def make_worlds(recipe) -> None:
     """Generate the encoder's own worlds (when `encoder.world` is set); an interrupted one is redone."""
     import shutil
 
-    from llavakit.recipe.run import _world_options
+    from llavakit.recipe.run import world_options
     from llavakit.world.config import WorldConfig
     from llavakit.world.generate import generate_world
 
@@ -63,7 +63,7 @@ def make_worlds(recipe) -> None:
             shutil.rmtree(out)
         spec = specs[split]
         own = {k: v for k, v in spec.items() if k not in ("num_images", "seed")}  # e.g. max_objects for stage 0
-        options = _world_options({**recipe.cfg["world"]["options"], **own})
+        options = world_options({**recipe.cfg["world"]["options"], **own})
         summary = generate_world(WorldConfig(out=str(out), num_images=int(spec["num_images"]), seed=int(spec["seed"]),
                                              split=split, **options))
         recipe.say(f"encoder world {split}: {summary.num_images} images in {summary.seconds:.0f} s")

@@ -221,7 +221,7 @@ class Recipe:
         if name in ("align", "instruct"):
             return (self.step_dir(name) / "model" / "model.safetensors").is_file()
         if name == "ground":
-            return (self.step_dir(name) / "run" / "adapter" / "adapter_config.json").is_file()
+            return (ground_adapter(self.step_dir(name)) / "adapter_config.json").is_file()
         if name == "package":
             return (self.step_dir(name) / "manifest.json").is_file()
         return True
@@ -243,7 +243,7 @@ class Recipe:
             if out.exists():
                 shutil.rmtree(out)  # an interrupted generation: redo it (it takes seconds)
             config = WorldConfig(out=str(out), num_images=int(spec["num_images"]), seed=int(spec["seed"]), split=split,
-                                 **_world_options(self.cfg["world"]["options"]))
+                                 **world_options(self.cfg["world"]["options"]))
             summary = generate_world(config)
             self.say(f"world {split}: {summary.num_images} images, {summary.num_objects} objects in {summary.seconds:.1f} s")
             info[split] = {"images": summary.num_images, "objects": summary.num_objects, "seconds": summary.seconds}
@@ -319,9 +319,13 @@ class Recipe:
         fixed = {"stage": stage, "init_from": str(init), "out": str(path),
                  "data": {"path": str(data), "image_folder": str(self.world_dir("train") / "images"),
                           "feature_cache": cache}}
+        return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], self.from_ground(stage, fixed)))
+
+    def from_ground(self, stage: str, fixed: dict) -> dict:
+        """`fixed` (a stage's recipe-set train keys), for instruct after a ground step: going on from its adapter."""
         if stage == "instruct" and "ground" in self.results:
-            fixed["lora"] = {"init_adapter": str(self.results["ground"].dir / "run" / "adapter")}
-        return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], fixed))
+            fixed = {**fixed, "lora": {"init_adapter": str(ground_adapter(self.results["ground"].dir))}}
+        return fixed
 
     def ground_train(self) -> dict:
         """The ground step's train settings: instruct.train with ground.train over it."""
@@ -389,7 +393,7 @@ class Recipe:
         options = {**self.cfg["world"]["options"], "min_objects": 1, "max_objects": 1,
                    **{k: v for k, v in g["world"].items() if k not in ("num_images", "seed")}}
         generate_world(WorldConfig(out=str(world), num_images=int(g["world"]["num_images"]), seed=int(g["world"]["seed"]),
-                                   split="train", **_world_options(options)))
+                                   split="train", **world_options(options)))
         records, left_out = grounding_records(world, tuple(g["attributes"]))
         if not records:
             raise RecipeError(f"ground: none of the {left_out} scenes of ground.world has exactly one object "
@@ -414,6 +418,11 @@ class Recipe:
         return package_model(self, path)
 
 
+def ground_adapter(ground_dir: Path) -> Path:
+    """The adapter the ground step's run wrote (instruct goes on training it)."""
+    return ground_dir / "run" / "adapter"
+
+
 def pending_file(path: Path) -> Path:
     """Where a resuming step records the resume key of its unfinished work (beside its dir, so never wiped with it)."""
     return path.with_name(f".{path.name}.pending")
@@ -434,7 +443,8 @@ def _fixed_train_settings(train: dict) -> dict:
     return out
 
 
-def _world_options(options: dict) -> dict:
+def world_options(options: dict) -> dict:
+    """Recipe world options as WorldConfig keyword arguments (YAML lists as tuples)."""
     out = {}
     for key, value in options.items():
         out[key] = tuple(value) if isinstance(value, list) else value
