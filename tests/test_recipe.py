@@ -44,7 +44,7 @@ def tiny_recipe(tmp: Path, lm: Path) -> dict:
         "data": {"vqa": {"core": {"questions_per_image": 3, "mc_per_image": 1, "types": ["color", "count", "exists"]}},
                  "mix": {"instruct": 0.25, "vqa.core": 1.0}, "phrasing": {"prob": 0.5}},
         "init": {"lm": str(lm), "template": "chatml"},
-        "align": {"train": small_train}, "instruct": {"train": instruct},
+        "align": {"train": small_train}, "instruct": {"train": instruct, "replay_ground": 1.0},
         "ground": {"world": {"num_images": 16, "seed": 5, "max_objects": 1}, "train": {"optim": {"max_steps": 2}}},
         "eval": {"describe": False, "batch_size": 16, "ablations": ["blind", "paraphrased"]},
         "package": {"out": str(tmp / "package")},
@@ -88,6 +88,15 @@ def test_every_step_writes_its_outputs(recipe_run):
     instruct_cfg = yaml.safe_load((out / "instruct" / "config.yaml").read_text())
     assert instruct_cfg["lora"]["init_adapter"] == str(out / "ground" / "run" / "adapter")
     assert instruct_cfg["init_from"] == str(out / "align")
+    # replay_ground 1.0: the mix plus every grounding record, their images found from the run's one image folder
+    assert instruct_cfg["data"]["path"] == str(out / "instruct-data" / "mix.json")
+    trained = json.loads((out / "instruct-data" / "mix.json").read_text())
+    replayed = [r for r in trained if r["id"].startswith("ground-")]
+    assert len(trained) == len(json.loads((out / "data" / "mix.json").read_text())) + len(grounding)
+    assert sorted(r["id"] for r in replayed) == sorted(f"ground-{r['id']}" for r in grounding)
+    folder = Path(instruct_cfg["data"]["image_folder"])
+    assert all((folder / r["image"]).resolve() == (out / "ground" / "world" / "images" / Path(r["image"]).name).resolve()
+               and (folder / r["image"]).is_file() for r in replayed)
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["runs"] == ["full", "blind", "paraphrased", "majority"]  # majority: the prior-to-beat column
     overall = summary["rows"]["short answers overall (%)"]
@@ -191,6 +200,13 @@ def test_recipe_ground_step_settings_are_checked():
             load_recipe(data={"encoder": {"reuse": "x"}, **lora, "ground": bad})
     with pytest.raises(RecipeError, match="set instruct.train.lora.enabled"):
         load_recipe(data={"encoder": {"reuse": "x"}, "ground": ground})
+    for bad, match in ((-1, "expected a mix ratio >= 0, got -1"), ("all", "expected a mix ratio >= 0, got 'all'"),
+                       (True, "expected a mix ratio")):
+        with pytest.raises(RecipeError, match=f"instruct.replay_ground: {match}"):
+            load_recipe(data={"encoder": {"reuse": "x"}, "instruct": {**lora["instruct"], "replay_ground": bad},
+                              "ground": ground})
+    with pytest.raises(RecipeError, match="instruct.replay_ground: needs a ground step"):
+        load_recipe(data={"encoder": {"reuse": "x"}, "instruct": {**lora["instruct"], "replay_ground": 0.5}})
     with pytest.raises(RecipeError, match="ground.train.lora.r: set it in instruct.train only"):
         load_recipe(data={"encoder": {"reuse": "x"}, **lora, "ground": {**ground, "train": {"lora": {"r": 8}}}})
 
@@ -203,7 +219,7 @@ def test_ground_step_needs_single_object_scenes_and_until_names_a_step_that_runs
                             "ground": {"world": {"num_images": 3, "seed": 7, "min_objects": 2, "max_objects": 3}}})
     recipe = Recipe(cfg, say=lambda m: None)
     recipe.results["align"] = StepResult("align", tmp_path / "align", "h", "id", True, 0.0, {})
-    with pytest.raises(RecipeError, match="ground: none of the 3 scenes of ground.world has exactly one object"):
+    with pytest.raises(RecipeError, match=r"ground: no question of ground.attributes \['color', 'shape'\] applies to any of the 3 scenes"):
         recipe.do_ground(tmp_path / "ground")
     plain = Recipe(load_recipe(data={"out": str(tmp_path / "other"), "encoder": {"reuse": "x"}}), say=lambda m: None)
     with pytest.raises(RecipeError, match="--until ground: this recipe has no ground step"):

@@ -58,7 +58,12 @@ DEFAULTS: dict[str, Any] = {
         "attributes": ["color", "shape"],
         "train": {},  # TrainConfig keys over instruct.train (epochs, lr, ...); LoRA shape must stay instruct's
     },
-    "instruct": {"train": {}},
+    "instruct": {
+        "train": {},
+        # how much of the ground step's grounding records to mix into instruct's data (a `datagen mix` ratio:
+        # 1.0 every record once, 0 none), so the mix does not wash out what ground taught (docs/default-model.md, E11)
+        "replay_ground": 0.0,
+    },
     "eval": {
         "split": "test",
         "seed": 0,
@@ -211,6 +216,11 @@ def check(cfg: dict) -> None:
         if shaping:
             raise RecipeError(f"ground.train.{shaping[0]}: set it in instruct.train only "
                               "(instruct goes on training the ground step's adapter, which must have its shape)")
+    replay = cfg["instruct"]["replay_ground"]
+    if isinstance(replay, bool) or not isinstance(replay, (int, float)) or not 0 <= replay < float("inf"):
+        raise RecipeError(f"instruct.replay_ground: expected a mix ratio >= 0, got {replay!r}")
+    if replay > 0 and ground["world"] is None:
+        raise RecipeError("instruct.replay_ground: needs a ground step (ground.world) whose records it replays")
     enc = cfg["encoder"]
     if not enc["reuse"] and not enc["config"] and not enc["overrides"]:
         raise RecipeError("encoder: set reuse (a trained CLIP dir) and/or config (how to train one)")

@@ -193,7 +193,8 @@ class Recipe:
     def resume_key(self, name: str) -> str:
         """What unfinished work of step `name` must share to be resumed: its hash without resumable settings."""
         if name in ("align", "instruct"):
-            section = _fixed_train_settings(self.cfg[name]["train"])
+            section = [_fixed_train_settings(self.cfg[name]["train"]),
+                       {k: v for k, v in self.cfg[name].items() if k != "train"}]  # instruct.replay_ground
         elif name == "ground":
             section = [{k: v for k, v in self.cfg["ground"].items() if k != "train"}, self.cfg["world"]["options"],
                        _fixed_train_settings(self.ground_train())]
@@ -322,9 +323,16 @@ class Recipe:
         return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], self.from_ground(stage, fixed)))
 
     def from_ground(self, stage: str, fixed: dict) -> dict:
-        """`fixed` (a stage's recipe-set train keys), for instruct after a ground step: going on from its adapter."""
-        if stage == "instruct" and "ground" in self.results:
-            fixed = {**fixed, "lora": {"init_adapter": str(ground_adapter(self.results["ground"].dir))}}
+        """`fixed` (a stage's recipe-set train keys), for instruct after a ground step: going on from its adapter,
+        on its data with instruct.replay_ground of the grounding records mixed in (written by `replay_mix`)."""
+        if stage != "instruct" or "ground" not in self.results:
+            return fixed
+        fixed = {**fixed, "lora": {"init_adapter": str(ground_adapter(self.results["ground"].dir))}}
+        ratio = float(self.cfg["instruct"]["replay_ground"])
+        if ratio > 0:
+            data = replay_mix(Path(fixed["data"]["path"]), Path(fixed["data"]["image_folder"]),
+                              self.results["ground"].dir, ratio, Path(fixed["out"]), int(self.cfg["seed"]))
+            fixed["data"] = {**fixed["data"], "path": str(data)}
         return fixed
 
     def ground_train(self) -> dict:
@@ -389,17 +397,17 @@ class Recipe:
         world = path / "world"
         if world.exists():
             shutil.rmtree(world)  # an interrupted generation, or a resumed run's (same seed: the same scenes)
-        # single-object scenes unless ground.world says otherwise (grounding questions need exactly one object)
+        # single-object scenes unless ground.world says otherwise (`color`/`shape` ask only of those)
         options = {**self.cfg["world"]["options"], "min_objects": 1, "max_objects": 1,
                    **{k: v for k, v in g["world"].items() if k not in ("num_images", "seed")}}
         generate_world(WorldConfig(out=str(world), num_images=int(g["world"]["num_images"]), seed=int(g["world"]["seed"]),
                                    split="train", **world_options(options)))
         records, left_out = grounding_records(world, tuple(g["attributes"]))
         if not records:
-            raise RecipeError(f"ground: none of the {left_out} scenes of ground.world has exactly one object "
-                              "(set ground.world.max_objects: 1)")
+            raise RecipeError(f"ground: no question of ground.attributes {g['attributes']} applies to any of the "
+                              f"{left_out} scenes of ground.world (color and shape ask of single-object scenes)")
         _write_json(path / "questions.json", records)
-        self.say(f"ground: {len(records)} grounding records ({left_out} scenes without exactly one object left out)")
+        self.say(f"ground: {len(records)} grounding records ({left_out} scenes without a question left out)")
         info = self.train_run("ground", self.ground_config(path), path / "run")
         info["records"], info["left_out"] = len(records), left_out
         return info
@@ -421,6 +429,24 @@ class Recipe:
 def ground_adapter(ground_dir: Path) -> Path:
     """The adapter the ground step's run wrote (instruct goes on training it)."""
     return ground_dir / "run" / "adapter"
+
+
+def replay_mix(data: Path, image_folder: Path, ground_dir: Path, ratio: float, out: Path, seed: int) -> Path:
+    """`data` with `ratio` of the ground step's records mixed in, as `<out>-data/mix.json` (rewritten each time:
+    the same inputs give the same file). Their image paths become relative to `image_folder`, the run's one
+    image folder; ids gain a `ground-` prefix (the ground world's scene ids repeat the train split's)."""
+    from llavakit.datagen.config import MixConfig, MixSource
+    from llavakit.datagen.mix import mix_sources, read_records
+
+    folder = out.with_name(out.name + "-data")
+    folder.mkdir(parents=True, exist_ok=True)
+    images = Path(os.path.relpath(ground_dir / "world" / "images", image_folder))
+    records = [{**r, "id": f"ground-{r['id']}", "image": str(images / r["image"])}
+               for r in read_records(ground_dir / "questions.json")]
+    _write_json(folder / "ground.json", records)
+    mix_sources(MixConfig(sources=[MixSource(data, 1.0), MixSource(folder / "ground.json", ratio)],
+                          out=folder / "mix.json", seed=seed))
+    return folder / "mix.json"
 
 
 def pending_file(path: Path) -> Path:
