@@ -20,10 +20,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("world", type=Path, help="a `llavakit world` split dir (scenes.jsonl, images/)")
     ap.add_argument("out", type=Path, help="LLaVA JSON to write (image paths relative to WORLD/images)")
+    ap.add_argument("--attributes", nargs="+", default=["color", "shape"],
+                    help="grounding attributes (llavakit/datagen/grounding.py ATTRIBUTES; default: color shape)")
     args = ap.parse_args()
-    recs, skipped = grounding_records(args.world)
+    recs, skipped = grounding_records(args.world, tuple(args.attributes))
     args.out.write_text(json.dumps(recs))
-    print(f"{len(recs)} records -> {args.out} ({skipped} scenes without exactly one object left out)")
+    print(f"{len(recs)} records -> {args.out} ({skipped} scenes without a question left out)")
 
 
 if __name__ == "__main__":

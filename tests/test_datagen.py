@@ -778,10 +778,47 @@ def test_grounding_records_ask_every_single_object_scene_the_same_questions(tmp_
         assert rec["provenance"]["qtypes"] == ["color", "shape"]
     only_shape, _ = grounding_records(world, ("shape",))
     assert only_shape[0]["conversations"][0]["value"].startswith("<image>\nWhat shape")
-    with pytest.raises(ValueError, match="known are color, shape"):
+    with pytest.raises(ValueError, match="known are color, shape, color_of"):
         grounding_records(world, ("size",))
     with pytest.raises(FileNotFoundError, match="scenes.jsonl"):
         grounding_records(tmp_path)
     (world / "scenes.jsonl").write_text((world / "scenes.jsonl").read_text() + "{not json\n")
     with pytest.raises(ValueError, match=r"scenes.jsonl:13: not a scene record"):
         grounding_records(world)
+
+
+def test_grounding_records_of_several_objects_ask_what_only_the_image_tells(tmp_path):
+    """color_of / shape_of name only objects unique by shape / colour; count; exists asks one present and one
+    absent shape (from the world's shapes) in a fixed per-scene order; single-object questions skip these scenes."""
+    from llavakit.datagen.grounding import grounding_records
+
+    world = _scenes_world(tmp_path, [
+        [("circle", "red"), ("circle", "blue"), ("star", "red")],   # circle twice, red twice
+        [("heart", "green")],                                    # one object: none of these attributes
+        [("star", "blue"), ("heart", "yellow")],
+    ])
+    records, left_out = grounding_records(world, ("color_of", "shape_of", "count", "exists"))
+    assert left_out == 1 and [r["id"] for r in records] == ["train-0", "train-2"]
+    first = dict(zip([t["value"].removeprefix("<image>\n") for t in records[0]["conversations"][::2]],
+                     [t["value"] for t in records[0]["conversations"][1::2]]))
+    assert first["What color is the star? Answer with one word."] == "red"
+    assert first["What shape is the blue one? Answer with one word."] == "circle"
+    assert first["How many shapes are there? Answer with a number."] == "3"
+    assert not any("circle?" in q or "red one" in q for q in first)  # ambiguous referents are never asked
+    for rec in records:
+        qtypes, turns = rec["provenance"]["qtypes"], rec["conversations"]
+        assert len(qtypes) * 2 == len(turns) and turns[0]["value"].startswith("<image>\n")
+        exists = [turns[2 * i + 1]["value"] for i, q in enumerate(qtypes) if q == "exists"]
+        assert sorted(exists) == ["no", "yes"]
+        asked = [turns[2 * i]["value"].split("Is there a ")[1].split(" in")[0] for i, q in enumerate(qtypes) if q == "exists"]
+        assert all(shape in {"circle", "star", "heart"} for shape in asked)  # only shapes the world uses
+    again, _ = grounding_records(world, ("color_of", "shape_of", "count", "exists"))
+    assert again == records
+    assert grounding_records(world)[1] == 2  # color/shape: single-object scenes only
+
+
+def _scenes_world(world: Path, scenes: list[list[tuple[str, str]]]) -> Path:
+    lines = [json.dumps({"split": "train", "image_id": i, "file_name": f"images/train_{i:06d}.png",
+                         "objects": [{"category": c, "color": k} for c, k in objects]}) for i, objects in enumerate(scenes)]
+    (world / "scenes.jsonl").write_text("\n".join(lines) + "\n")
+    return world

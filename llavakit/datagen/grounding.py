@@ -1,26 +1,72 @@
-"""Grounding records: the same attribute questions asked of every single-object scene.
+"""Grounding records: short questions whose answer only the image holds, asked of small scenes.
 
-"What color is the shape?" and "What shape is it?" carry nothing about the answer, so only the image
-can answer them. On the default world a LoRA instruct run from the align model first learns to read
-colour from these, and only then from the recipe's mixed, bound questions ("What color is the circle?"
-among up to six objects), which alone never leave the answer prior in 223 steps (docs/default-model.md,
-"Does the pipeline read images at all?"). The recipe's `ground` step trains on them before `instruct`.
+"What color is the shape?" and "What shape is it?" of a single-object scene carry nothing about the
+answer, so only the image can answer them. On the default world a LoRA instruct run from the align
+model first learns to read colour from these, and only then from the recipe's mixed, bound questions
+("What color is the circle?" among up to six objects), which alone never leave the answer prior in 223
+steps (docs/default-model.md, "Does the pipeline read images at all?"). The recipe's `ground` step
+trains on them before `instruct`.
 
-Reads a `llavakit world` split (its `scenes.jsonl`); scenes without exactly one object (a chart-only
-scene, say) are left out and counted. Records carry `provenance.qtypes` (experiments/image_use.py
-scores them per question).
+The other attributes ask of scenes with two or more objects, in the same fixed wordings: the colour of
+each object whose shape is unique in its scene (`color_of`), the shape of each object whose colour is
+(`shape_of`), how many shapes there are (`count`), and whether a shape is there, once for one that is
+and once for one that is not (`exists`; the absent one drawn from the shapes the world's scenes use).
+
+Reads a `llavakit world` split (its `scenes.jsonl`); scenes that no asked attribute applies to (a
+chart-only scene, or a two-object scene when only `color`/`shape` are asked) are left out and counted.
+Records carry `provenance.qtypes`, one per answer (experiments/image_use.py scores them per question).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-ATTRIBUTES: dict[str, tuple[str, str]] = {
-    "color": ("What color is the shape? Answer with one word.", "color"),
-    "shape": ("What shape is it? Answer with one word.", "category"),
+QA = tuple[str, str]
+"""(question, answer)."""
+
+
+def _color(objects: list[dict], _: list[str], __: int) -> list[QA]:
+    return [("What color is the shape? Answer with one word.", objects[0]["color"])] if len(objects) == 1 else []
+
+
+def _shape(objects: list[dict], _: list[str], __: int) -> list[QA]:
+    return [("What shape is it? Answer with one word.", objects[0]["category"])] if len(objects) == 1 else []
+
+
+def _color_of(objects: list[dict], _: list[str], __: int) -> list[QA]:
+    shapes = Counter(o["category"] for o in objects)
+    return [(f"What color is the {o['category']}? Answer with one word.", o["color"])
+            for o in objects if len(objects) > 1 and shapes[o["category"]] == 1]
+
+
+def _shape_of(objects: list[dict], _: list[str], __: int) -> list[QA]:
+    colors = Counter(o["color"] for o in objects)
+    return [(f"What shape is the {o['color']} one? Answer with one word.", o["category"])
+            for o in objects if len(objects) > 1 and colors[o["color"]] == 1]
+
+
+def _count(objects: list[dict], _: list[str], __: int) -> list[QA]:
+    return [("How many shapes are there? Answer with a number.", str(len(objects)))] if len(objects) > 1 else []
+
+
+def _exists(objects: list[dict], shapes: list[str], pick: int) -> list[QA]:
+    present = sorted({o["category"] for o in objects})
+    absent = [s for s in shapes if s not in present]
+    if len(objects) < 2 or not absent:
+        return []
+    asked = [(present[pick % len(present)], "yes"), (absent[pick % len(absent)], "no")]
+    return [(f"Is there a {shape} in the image? Answer yes or no.", answer)
+            for shape, answer in (asked if pick % 2 else asked[::-1])]
+
+
+ATTRIBUTES: dict[str, Callable[[list[dict], list[str], int], list[QA]]] = {
+    "color": _color, "shape": _shape, "color_of": _color_of, "shape_of": _shape_of, "count": _count, "exists": _exists,
 }
-"""Attribute -> (question, the scene object's key holding the answer)."""
+"""Attribute -> (scene objects, the world's shapes, a per-scene number) -> its questions of that scene."""
 
 
 def grounding_records(world: Path, attributes: tuple[str, ...] = ("color", "shape")) -> tuple[list[dict], int]:
@@ -28,32 +74,45 @@ def grounding_records(world: Path, attributes: tuple[str, ...] = ("color", "shap
     unknown = [a for a in attributes if a not in ATTRIBUTES]
     if unknown or not attributes:
         raise ValueError(f"grounding attributes {list(attributes)}: known are {', '.join(ATTRIBUTES)}")
-    path = Path(world) / "scenes.jsonl"
+    scenes = _read_scenes(Path(world) / "scenes.jsonl")
+    shapes = sorted({o["category"] for scene in scenes for o in scene["objects"]})
+    out, skipped = [], 0
+    for scene in scenes:
+        sid = f"{scene['split']}-{scene['image_id']}"
+        pick = int(hashlib.sha256(sid.encode()).hexdigest()[:8], 16)  # which shapes `exists` asks: fixed per scene
+        asked = [(a, qa) for a in attributes for qa in ATTRIBUTES[a](scene["objects"], shapes, pick)]
+        if not asked:
+            skipped += 1
+            continue
+        out.append(_record(sid, Path(scene["file_name"]).name, asked))
+    return out, skipped
+
+
+def _read_scenes(path: Path) -> list[dict]:
+    """Every scene of `path`; a malformed one raises naming its line."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no scenes.jsonl (a `llavakit world` split dir is needed)")
-    out, skipped = [], 0
+    scenes = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             scene = json.loads(line)
-            objects, image, sid = scene["objects"], Path(scene["file_name"]).name, f"{scene['split']}-{scene['image_id']}"
-        except (ValueError, KeyError, TypeError) as exc:
+            missing = [k for k in ("split", "image_id", "file_name", "objects") if k not in scene]
+            bad = [o for o in scene.get("objects") or [] if not (o.get("category") and o.get("color"))]
+        except (ValueError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path}:{n}: not a scene record ({exc!r})") from None
-        if len(objects) != 1:
-            skipped += 1
-            continue
-        out.append(_record(sid, image, objects[0], attributes, f"{path}:{n}"))
-    return out, skipped
+        if missing or bad:
+            raise ValueError(f"{path}:{n}: not a scene record (" + (f"no {missing}" if missing else
+                             "an object without a category or color") + ")")
+        scenes.append(scene)
+    return scenes
 
 
-def _record(sid: str, image: str, obj: dict, attributes: tuple[str, ...], where: str) -> dict:
+def _record(sid: str, image: str, asked: list[tuple[str, QA]]) -> dict:
     turns = []
-    for i, attribute in enumerate(attributes):
-        question, key = ATTRIBUTES[attribute]
-        if not obj.get(key):
-            raise ValueError(f"{where}: the object has no {key!r}")
+    for i, (_, (question, answer)) in enumerate(asked):
         turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
-                  {"from": "gpt", "value": str(obj[key])}]
+                  {"from": "gpt", "value": str(answer)}]
     return {"id": sid, "image": image, "conversations": turns,
-            "provenance": {"source": "llavakit.datagen.grounding", "qtypes": list(attributes)}}
+            "provenance": {"source": "llavakit.datagen.grounding", "qtypes": [a for a, _ in asked]}}
