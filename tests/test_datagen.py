@@ -324,6 +324,23 @@ def test_existence_questions_are_balanced_and_negatives_include_hard_ones():
     assert hard / answers["no"] > 0.3
 
 
+def test_no_existence_answer_follows_from_earlier_turns():
+    """Existence questions open a record (a turn naming a shape would give its existence away), and a record's
+    second one is not forced to the opposite of its first (generator v1 did both)."""
+    ds = world_dataset()
+    engine = SceneQA(ds)
+    pairs = Counter()
+    for img in ds.images:
+        for seed in range(120):
+            qas = engine.sample(img, random.Random(seed), 6)
+            qtypes = [qa.qtype for qa in qas]
+            k = qtypes.count("exists")
+            assert qtypes[:k] == ["exists"] * k, qtypes
+            if k >= 2:
+                pairs[qas[0].short == qas[1].short] += 1
+    assert pairs[True] > 0.25 * sum(pairs.values()) and sum(pairs.values()) > 50, pairs
+
+
 def test_phrasing_varies_widely():
     ds = world_dataset()
     engine = SceneQA(ds)
@@ -538,7 +555,7 @@ def test_offline_run_writes_valid_records_report_and_reruns_from_cache(tmp_path)
     for rec in data:
         check_record(rec, WORLD / "images")
         prov = rec["provenance"]
-        assert prov["teacher"] == "offline" and prov["model"] == "sceneqa-v1-seed0"
+        assert prov["teacher"] == "offline" and prov["model"] == "sceneqa-v2-seed0"
         assert prov["prompt_version"] == "1" and prov["kind"] == rec["id"].split("-")[1]
         assert prov["image_id"] == int(rec["id"].split("-")[0])
         first = rec["conversations"][0]["value"]
@@ -788,8 +805,8 @@ def test_grounding_records_ask_every_single_object_scene_the_same_questions(tmp_
 
 
 def test_grounding_records_of_several_objects_ask_what_only_the_image_tells(tmp_path):
-    """color_of / shape_of name only objects unique by shape / colour; count; exists asks one present and one
-    absent shape (from the world's shapes) in a fixed per-scene order; single-object questions skip these scenes."""
+    """color_of / shape_of name only objects unique by shape / colour; count; exists asks first, of a present or an
+    absent shape (from the world's shapes), fixed per scene; single-object questions skip these scenes."""
     from llavakit.datagen.grounding import grounding_records
 
     world = _scenes_world(tmp_path, [
@@ -808,16 +825,21 @@ def test_grounding_records_of_several_objects_ask_what_only_the_image_tells(tmp_
     for rec in records:
         qtypes, turns = rec["provenance"]["qtypes"], rec["conversations"]
         assert len(qtypes) * 2 == len(turns) and turns[0]["value"].startswith("<image>\n")
-        exists = [turns[2 * i + 1]["value"] for i, q in enumerate(qtypes) if q == "exists"]
-        assert sorted(exists) == ["no", "yes"]
-        asked = [turns[2 * i]["value"].split("Is there a ")[1].split(" in")[0] for i, q in enumerate(qtypes) if q == "exists"]
-        assert all(shape in {"circle", "star", "heart"} for shape in asked)  # only shapes the world uses
+        assert qtypes[0] == "exists" and qtypes.count("exists") == 1  # before any turn that names a shape
+        shape = turns[0]["value"].split("Is there a ")[1].split(" in")[0]
+        assert shape in {"circle", "star", "heart"}  # only shapes the world uses
+        present = shape in {"circle", "star"} if rec["id"] == "train-0" else shape in {"star", "heart"}
+        assert turns[1]["value"] == ("yes" if present else "no")
     again, _ = grounding_records(world, ("color_of", "shape_of", "count", "exists"))
     assert again == records
+    many = _scenes_world(tmp_path / "many", [[("circle", "red"), ("star", "blue")]] * 60 + [[("heart", "red")]])
+    answers = Counter(r["conversations"][1]["value"] for r in grounding_records(many, ("exists",))[0])
+    assert 18 <= answers["yes"] <= 42 and answers["yes"] + answers["no"] == 60, answers  # a coin per scene
     assert grounding_records(world)[1] == 2  # color/shape: single-object scenes only
 
 
 def _scenes_world(world: Path, scenes: list[list[tuple[str, str]]]) -> Path:
+    world.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"split": "train", "image_id": i, "file_name": f"images/train_{i:06d}.png",
                          "objects": [{"category": c, "color": k} for c, k in objects]}) for i, objects in enumerate(scenes)]
     (world / "scenes.jsonl").write_text("\n".join(lines) + "\n")

@@ -9,8 +9,9 @@ trains on them before `instruct`.
 
 The other attributes ask of scenes with two or more objects, in the same fixed wordings: the colour of
 each object whose shape is unique in its scene (`color_of`), the shape of each object whose colour is
-(`shape_of`), how many shapes there are (`count`), and whether a shape is there, once for one that is
-and once for one that is not (`exists`; the absent one drawn from the shapes the world's scenes use).
+(`shape_of`), how many shapes there are (`count`), and whether a shape is there (`exists`: a shape that
+is there or, as often, one of the world's shapes that is not). The existence question comes first in
+its record: an earlier "What color is the star?" would tell that a star is there.
 
 Reads a `llavakit world` split (its `scenes.jsonl`); scenes that no asked attribute applies to (a
 chart-only scene, or a two-object scene when only `color`/`shape` are asked) are left out and counted.
@@ -58,9 +59,8 @@ def _exists(objects: list[dict], shapes: list[str], pick: int) -> list[QA]:
     absent = [s for s in shapes if s not in present]
     if len(objects) < 2 or not absent:
         return []
-    asked = [(present[pick % len(present)], "yes"), (absent[pick % len(absent)], "no")]
-    return [(f"Is there a {shape} in the image? Answer yes or no.", answer)
-            for shape, answer in (asked if pick % 2 else asked[::-1])]
+    shape, answer = (present[pick // 2 % len(present)], "yes") if pick % 2 else (absent[pick // 2 % len(absent)], "no")
+    return [(f"Is there a {shape} in the image? Answer yes or no.", answer)]
 
 
 ATTRIBUTES: dict[str, Callable[[list[dict], list[str], int], list[QA]]] = {
@@ -80,7 +80,8 @@ def grounding_records(world: Path, attributes: tuple[str, ...] = ("color", "shap
     for scene in scenes:
         sid = f"{scene['split']}-{scene['image_id']}"
         pick = int(hashlib.sha256(sid.encode()).hexdigest()[:8], 16)  # which shapes `exists` asks: fixed per scene
-        asked = [(a, qa) for a in attributes for qa in ATTRIBUTES[a](scene["objects"], shapes, pick)]
+        ordered = sorted(attributes, key=lambda a: a != "exists")  # existence first (see the module docstring)
+        asked = [(a, qa) for a in ordered for qa in ATTRIBUTES[a](scene["objects"], shapes, pick)]
         if not asked:
             skipped += 1
             continue

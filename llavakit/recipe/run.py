@@ -160,7 +160,9 @@ class Recipe:
         return [self.results[d].id for d in deps[name]]
 
     def step_hash(self, name: str) -> str:
-        section = {"world": self.cfg["world"], "data": [self.cfg["data"], self.cfg["seed"]],
+        from llavakit.datagen.sceneqa import GENERATOR_VERSION  # new generator rules: new data
+
+        section = {"world": self.cfg["world"], "data": [self.cfg["data"], self.cfg["seed"], GENERATOR_VERSION],
                    "encoder": self.cfg["encoder"], "init": self.cfg["init"], "align": self.cfg["align"],
                    "ground": [self.cfg["ground"], self.cfg["world"]["options"], self.ground_train()],
                    "instruct": self.cfg["instruct"], "eval": self.cfg["eval"], "package": self.cfg["name"]}[name]
