@@ -822,6 +822,9 @@ def test_grounding_records_of_several_objects_ask_what_only_the_image_tells(tmp_
     assert first["What shape is the blue one? Answer with one word."] == "circle"
     assert first["How many shapes are there? Answer with a number."] == "3"
     assert not any("circle?" in q or "red one" in q for q in first)  # ambiguous referents are never asked
+    second = [t["value"] for t in records[1]["conversations"][::2]]  # star/blue and heart/yellow: both unique
+    assert sum("star?" in q or "blue one" in q for q in second) == 1  # one question per object: no give-away
+    assert sum("heart?" in q or "yellow one" in q for q in second) == 1
     for rec in records:
         qtypes, turns = rec["provenance"]["qtypes"], rec["conversations"]
         assert len(qtypes) * 2 == len(turns) and turns[0]["value"].startswith("<image>\n")

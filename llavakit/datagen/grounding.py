@@ -8,8 +8,8 @@ steps (docs/default-model.md, "Does the pipeline read images at all?"). The reci
 trains on them before `instruct`.
 
 The other attributes ask of scenes with two or more objects, in the same fixed wordings: the colour of
-each object whose shape is unique in its scene (`color_of`), the shape of each object whose colour is
-(`shape_of`), how many shapes there are (`count`), and whether a shape is there (`exists`: a shape that
+an object whose shape is unique in its scene (`color_of`), the shape of one whose colour is (`shape_of`;
+each object is named by one of the two at most, as the one answer would give the other away), how many shapes there are (`count`), and whether a shape is there (`exists`: a shape that
 is there or, as often, one of the world's shapes that is not). The existence question comes first in
 its record: an earlier "What color is the star?" would tell that a star is there.
 
@@ -26,32 +26,32 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-QA = tuple[str, str]
-"""(question, answer)."""
+QA = tuple[str, str, int | None]
+"""(question, answer, index of the object it names or None)."""
 
 
 def _color(objects: list[dict], _: list[str], __: int) -> list[QA]:
-    return [("What color is the shape? Answer with one word.", objects[0]["color"])] if len(objects) == 1 else []
+    return [("What color is the shape? Answer with one word.", objects[0]["color"], None)] if len(objects) == 1 else []
 
 
 def _shape(objects: list[dict], _: list[str], __: int) -> list[QA]:
-    return [("What shape is it? Answer with one word.", objects[0]["category"])] if len(objects) == 1 else []
+    return [("What shape is it? Answer with one word.", objects[0]["category"], None)] if len(objects) == 1 else []
 
 
 def _color_of(objects: list[dict], _: list[str], __: int) -> list[QA]:
     shapes = Counter(o["category"] for o in objects)
-    return [(f"What color is the {o['category']}? Answer with one word.", o["color"])
-            for o in objects if len(objects) > 1 and shapes[o["category"]] == 1]
+    return [(f"What color is the {o['category']}? Answer with one word.", o["color"], i)
+            for i, o in enumerate(objects) if len(objects) > 1 and shapes[o["category"]] == 1]
 
 
 def _shape_of(objects: list[dict], _: list[str], __: int) -> list[QA]:
     colors = Counter(o["color"] for o in objects)
-    return [(f"What shape is the {o['color']} one? Answer with one word.", o["category"])
-            for o in objects if len(objects) > 1 and colors[o["color"]] == 1]
+    return [(f"What shape is the {o['color']} one? Answer with one word.", o["category"], i)
+            for i, o in enumerate(objects) if len(objects) > 1 and colors[o["color"]] == 1]
 
 
 def _count(objects: list[dict], _: list[str], __: int) -> list[QA]:
-    return [("How many shapes are there? Answer with a number.", str(len(objects)))] if len(objects) > 1 else []
+    return [("How many shapes are there? Answer with a number.", str(len(objects)), None)] if len(objects) > 1 else []
 
 
 def _exists(objects: list[dict], shapes: list[str], pick: int) -> list[QA]:
@@ -60,7 +60,7 @@ def _exists(objects: list[dict], shapes: list[str], pick: int) -> list[QA]:
     if len(objects) < 2 or not absent:
         return []
     shape, answer = (present[pick // 2 % len(present)], "yes") if pick % 2 else (absent[pick // 2 % len(absent)], "no")
-    return [(f"Is there a {shape} in the image? Answer yes or no.", answer)]
+    return [(f"Is there a {shape} in the image? Answer yes or no.", answer, None)]
 
 
 ATTRIBUTES: dict[str, Callable[[list[dict], list[str], int], list[QA]]] = {
@@ -81,12 +81,23 @@ def grounding_records(world: Path, attributes: tuple[str, ...] = ("color", "shap
         sid = f"{scene['split']}-{scene['image_id']}"
         pick = int(hashlib.sha256(sid.encode()).hexdigest()[:8], 16)  # which shapes `exists` asks: fixed per scene
         ordered = sorted(attributes, key=lambda a: a != "exists")  # existence first (see the module docstring)
-        asked = [(a, qa) for a in ordered for qa in ATTRIBUTES[a](scene["objects"], shapes, pick)]
+        asked = _one_per_object([(a, qa) for a in ordered for qa in ATTRIBUTES[a](scene["objects"], shapes, pick)], pick)
         if not asked:
             skipped += 1
             continue
         out.append(_record(sid, Path(scene["file_name"]).name, asked))
     return out, skipped
+
+
+def _one_per_object(asked: list[tuple[str, QA]], pick: int) -> list[tuple[str, QA]]:
+    """At most one question naming each object: "What color is the circle?" -> "green" would give away "What
+    shape is the green one?". Which one an object keeps is fixed per scene (bits of `pick`)."""
+    named: dict[int, list[int]] = {}
+    for n, (_, qa) in enumerate(asked):
+        if qa[2] is not None:
+            named.setdefault(qa[2], []).append(n)
+    drop = {n for obj, ns in named.items() for k, n in enumerate(ns) if k != (pick >> (8 + obj)) % len(ns)}
+    return [item for n, item in enumerate(asked) if n not in drop]
 
 
 def _read_scenes(path: Path) -> list[dict]:
@@ -112,7 +123,7 @@ def _read_scenes(path: Path) -> list[dict]:
 
 def _record(sid: str, image: str, asked: list[tuple[str, QA]]) -> dict:
     turns = []
-    for i, (_, (question, answer)) in enumerate(asked):
+    for i, (_, (question, answer, _obj)) in enumerate(asked):
         turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
                   {"from": "gpt", "value": str(answer)}]
     return {"id": sid, "image": image, "conversations": turns,
