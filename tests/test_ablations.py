@@ -52,6 +52,9 @@ def test_each_variant_trains_on_its_own_inputs(tmp_path):
     adapter = str(out / "ground" / "run" / "adapter")
     assert a.train_config("instruct", out / "instruct").lora.init_adapter == adapter
     assert recipe.train_config("instruct", out / "instruct").lora.init_adapter == adapter
+    # ... on the mix with the grounding records replayed (instruct.replay_ground; written when it trains)
+    assert a.train_config("instruct", out / "instruct").data.path == str(out / "instruct-data" / "mix.json")
+    assert not (out / "instruct-data").exists()
     del b.results["ground"]
     # (b) no align step; stage 2 starts from init, on the instruction mix
     assert b.steps == ["instruct", "eval"]
@@ -181,7 +184,10 @@ def test_shared_steps_run_once_and_variants_train_on_what_they_say(ablation_run)
         assert sum(m == f"{step}: running -> {out / step}" for m in messages) == 1, messages
     # (a) the recipe's own align + instruct
     a = train_config(out / "instruct")
-    assert (a["init_from"], a["data"]["path"]) == (str(out / "align"), str(out / "data" / "mix.json"))
+    assert (a["init_from"], a["data"]["path"]) == (str(out / "align"), str(out / "instruct-data" / "mix.json"))
+    replayed = json.loads((out / "instruct-data" / "mix.json").read_text())  # the mix + the grounding records
+    assert len(replayed) == len(json.loads((out / "data" / "mix.json").read_text())) + len(
+        json.loads((out / "ground" / "questions.json").read_text()))
     # (b) no align dir; instruct from init
     assert not (abl / "instruct_only" / "align").exists()
     b = train_config(abl / "instruct_only" / "instruct")
@@ -201,8 +207,7 @@ def test_shared_steps_run_once_and_variants_train_on_what_they_say(ablation_run)
     assert (d["init_from"], d["data"]["path"]) == (str(out / "align"), str(out / "data" / "captions.json"))
     records = {run: json.loads((run / "report.json").read_text())["records"]["train"]
                for run in (out / "instruct", abl / "caption_only" / "instruct")}
-    assert records == {out / "instruct": len(json.loads((out / "data" / "mix.json").read_text())),
-                       abl / "caption_only" / "instruct": 24}
+    assert records == {out / "instruct": len(replayed), abl / "caption_only" / "instruct": 24}
     assert records[out / "instruct"] != 24
     # every variant's eval answered the same benchmark; text_only's on grey images
     for name in VARIANTS:

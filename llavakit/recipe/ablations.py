@@ -126,11 +126,14 @@ class VariantRecipe(Recipe):
         h = super().step_hash(name)
         return digest(h, v.name, v.align, v.blank, v.stage2_data) if v.changes(name) else h
 
+    def stage_data(self, stage: str) -> Path:
+        return self.data_dir / ("captions.json" if stage == "align" else self.variant.stage2_data)
+
     def train_config(self, stage: str, path: Path):
         from llavakit.train.config import TrainConfig
 
         init = self.results["align" if stage == "instruct" and self.variant.align else "init"].dir
-        data = self.data_dir / ("captions.json" if stage == "align" else self.variant.stage2_data)
+        data = self.stage_data(stage)
         cache = None if self.cfg[stage]["train"].get("train_vision") else str(self.features_dir)
         fixed = {"stage": stage, "init_from": str(init), "out": str(path),
                  "data": {"path": str(data), "image_folder": str(self.image_folder), "feature_cache": cache}}

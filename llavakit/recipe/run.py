@@ -316,7 +316,7 @@ class Recipe:
         from llavakit.train.config import TrainConfig
 
         init = self.results["init"].dir if stage == "align" else self.results["align"].dir
-        data = self.data_dir / ("captions.json" if stage == "align" else "mix.json")
+        data = self.stage_data(stage)
         # the feature cache holds frozen-tower outputs: a stage that trains the tower reads pixels instead
         cache = None if self.cfg[stage]["train"].get("train_vision") else str(self.features_dir)
         fixed = {"stage": stage, "init_from": str(init), "out": str(path),
@@ -324,17 +324,22 @@ class Recipe:
                           "feature_cache": cache}}
         return TrainConfig.from_dict(_deep_update(self.cfg[stage]["train"], self.from_ground(stage, fixed)))
 
+    def stage_data(self, stage: str) -> Path:
+        """The data file of the recipe's data step that `stage` trains on."""
+        return self.data_dir / ("captions.json" if stage == "align" else "mix.json")
+
+    def replaying(self, stage: str) -> bool:
+        """Whether `stage` trains on its data with the ground step's records mixed in (instruct.replay_ground)."""
+        return stage == "instruct" and "ground" in self.results and float(self.cfg["instruct"]["replay_ground"]) > 0
+
     def from_ground(self, stage: str, fixed: dict) -> dict:
         """`fixed` (a stage's recipe-set train keys), for instruct after a ground step: going on from its adapter,
-        on its data with instruct.replay_ground of the grounding records mixed in (written by `replay_mix`)."""
+        on the replay mix (`write_replay_mix`, written by `train_stage`) when instruct.replay_ground is set."""
         if stage != "instruct" or "ground" not in self.results:
             return fixed
         fixed = {**fixed, "lora": {"init_adapter": str(ground_adapter(self.results["ground"].dir))}}
-        ratio = float(self.cfg["instruct"]["replay_ground"])
-        if ratio > 0:
-            data = replay_mix(Path(fixed["data"]["path"]), Path(fixed["data"]["image_folder"]),
-                              self.results["ground"].dir, ratio, Path(fixed["out"]), int(self.cfg["seed"]))
-            fixed["data"] = {**fixed["data"], "path": str(data)}
+        if self.replaying(stage):
+            fixed["data"] = {**fixed["data"], "path": str(replay_path(Path(fixed["out"])))}
         return fixed
 
     def ground_train(self) -> dict:
@@ -353,7 +358,11 @@ class Recipe:
         return TrainConfig.from_dict(_deep_update(train, fixed))
 
     def train_stage(self, stage: str, path: Path) -> dict:
-        return self.train_run(stage, self.train_config(stage, path), path)
+        cfg = self.train_config(stage, path)
+        if self.replaying(stage):
+            write_replay_mix(self.stage_data(stage), Path(cfg.data.image_folder), self.results["ground"].dir,
+                             float(self.cfg["instruct"]["replay_ground"]), Path(cfg.data.path), int(self.cfg["seed"]))
+        return self.train_run(stage, cfg, path)
 
     def train_run(self, stage: str, cfg, path: Path) -> dict:
         """Train `cfg` into `path` (its out), resuming from its newest checkpoint."""
@@ -433,22 +442,26 @@ def ground_adapter(ground_dir: Path) -> Path:
     return ground_dir / "run" / "adapter"
 
 
-def replay_mix(data: Path, image_folder: Path, ground_dir: Path, ratio: float, out: Path, seed: int) -> Path:
-    """`data` with `ratio` of the ground step's records mixed in, as `<out>-data/mix.json` (rewritten each time:
-    the same inputs give the same file). Their image paths become relative to `image_folder`, the run's one
-    image folder; ids gain a `ground-` prefix (the ground world's scene ids repeat the train split's)."""
+def replay_path(out: Path) -> Path:
+    """Where a training run into `out` finds its data with the grounding records mixed in (beside `out`, which
+    a fresh start wipes)."""
+    return out.with_name(out.name + "-data") / "mix.json"
+
+
+def write_replay_mix(data: Path, image_folder: Path, ground_dir: Path, ratio: float, mix: Path, seed: int) -> None:
+    """`data` with `ratio` of the ground step's records mixed in, written to `mix` (rewritten each time: the same
+    inputs give the same file). Their image paths become relative to `image_folder`, the run's one image
+    folder; ids gain a `ground-` prefix (the ground world's scene ids repeat the train split's)."""
     from llavakit.datagen.config import MixConfig, MixSource
     from llavakit.datagen.mix import mix_sources, read_records
 
-    folder = out.with_name(out.name + "-data")
-    folder.mkdir(parents=True, exist_ok=True)
+    mix.parent.mkdir(parents=True, exist_ok=True)
     images = Path(os.path.relpath(ground_dir / "world" / "images", image_folder))
     records = [{**r, "id": f"ground-{r['id']}", "image": str(images / r["image"])}
                for r in read_records(ground_dir / "questions.json")]
-    _write_json(folder / "ground.json", records)
-    mix_sources(MixConfig(sources=[MixSource(data, 1.0), MixSource(folder / "ground.json", ratio)],
-                          out=folder / "mix.json", seed=seed))
-    return folder / "mix.json"
+    _write_json(mix.with_name("ground.json"), records)
+    mix_sources(MixConfig(sources=[MixSource(data, 1.0), MixSource(mix.with_name("ground.json"), ratio)], out=mix,
+                          seed=seed))
 
 
 def pending_file(path: Path) -> Path:
