@@ -797,6 +797,8 @@ def test_grounding_records_ask_every_single_object_scene_the_same_questions(tmp_
     assert only_shape[0]["conversations"][0]["value"].startswith("<image>\nWhat shape")
     with pytest.raises(ValueError, match="known are color, shape, color_of"):
         grounding_records(world, ("size",))
+    with pytest.raises(ValueError, match="each at most once"):
+        grounding_records(world, ("color", "color"))
     with pytest.raises(FileNotFoundError, match="scenes.jsonl"):
         grounding_records(tmp_path)
     (world / "scenes.jsonl").write_text((world / "scenes.jsonl").read_text() + "{not json\n")
@@ -828,13 +830,18 @@ def test_grounding_records_of_several_objects_ask_what_only_the_image_tells(tmp_
     for rec in records:
         qtypes, turns = rec["provenance"]["qtypes"], rec["conversations"]
         assert len(qtypes) * 2 == len(turns) and turns[0]["value"].startswith("<image>\n")
-        assert qtypes[0] == "exists" and qtypes.count("exists") == 1  # before any turn that names a shape
+        assert qtypes[:2] == ["exists", "count"] and qtypes.count("exists") == 1  # before any turn naming an object
         shape = turns[0]["value"].split("Is there a ")[1].split(" in")[0]
         assert shape in {"circle", "star", "heart"}  # only shapes the world uses
         present = shape in {"circle", "star"} if rec["id"] == "train-0" else shape in {"star", "heart"}
         assert turns[1]["value"] == ("yes" if present else "no")
     again, _ = grounding_records(world, ("color_of", "shape_of", "count", "exists"))
     assert again == records
+    clipart = _scenes_world(tmp_path / "clipart", [[("cat", None), ("star", "blue")], [("dog", None)]])
+    recs, _ = grounding_records(clipart, ("color", "shape", "color_of", "shape_of", "count"))
+    assert [[t["value"] for t in r["conversations"][::2]] for r in recs] == [
+        ["<image>\nHow many shapes are there? Answer with a number.", "What color is the star? Answer with one word."],
+        ["<image>\nWhat shape is it? Answer with one word."]]  # clip art has no colour: never asked one
     many = _scenes_world(tmp_path / "many", [[("circle", "red"), ("star", "blue")]] * 60 + [[("heart", "red")]])
     answers = Counter(r["conversations"][1]["value"] for r in grounding_records(many, ("exists",))[0])
     assert 18 <= answers["yes"] <= 42 and answers["yes"] + answers["no"] == 60, answers  # a coin per scene

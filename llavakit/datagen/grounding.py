@@ -10,8 +10,9 @@ trains on them before `instruct`.
 The other attributes ask of scenes with two or more objects, in the same fixed wordings: the colour of
 an object whose shape is unique in its scene (`color_of`), the shape of one whose colour is (`shape_of`;
 each object is named by one of the two at most, as the one answer would give the other away), how many shapes there are (`count`), and whether a shape is there (`exists`: a shape that
-is there or, as often, one of the world's shapes that is not). The existence question comes first in
-its record: an earlier "What color is the star?" would tell that a star is there.
+is there or, as often, one of the world's shapes that is not). Existence and count come first in a
+record (`FIRST`): an earlier "What color is the star?" would tell that a star is there. Objects without a
+colour (clip art) are asked only their shape.
 
 Reads a `llavakit world` split (its `scenes.jsonl`); scenes that no asked attribute applies to (a
 chart-only scene, or a two-object scene when only `color`/`shape` are asked) are left out and counted.
@@ -26,12 +27,17 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+GROUNDING_VERSION = "2"
+"""Changes whenever the records of the same scenes change (the recipe's ground step hashes it). 2: count
+asked before any object is named; objects without a colour (clip art) asked only their shape."""
+
 QA = tuple[str, str, int | None]
 """(question, answer, index of the object it names or None)."""
 
 
 def _color(objects: list[dict], _: list[str], __: int) -> list[QA]:
-    return [("What color is the shape? Answer with one word.", objects[0]["color"], None)] if len(objects) == 1 else []
+    single = len(objects) == 1 and objects[0].get("color")
+    return [("What color is the shape? Answer with one word.", objects[0]["color"], None)] if single else []
 
 
 def _shape(objects: list[dict], _: list[str], __: int) -> list[QA]:
@@ -41,13 +47,13 @@ def _shape(objects: list[dict], _: list[str], __: int) -> list[QA]:
 def _color_of(objects: list[dict], _: list[str], __: int) -> list[QA]:
     shapes = Counter(o["category"] for o in objects)
     return [(f"What color is the {o['category']}? Answer with one word.", o["color"], i)
-            for i, o in enumerate(objects) if len(objects) > 1 and shapes[o["category"]] == 1]
+            for i, o in enumerate(objects) if len(objects) > 1 and shapes[o["category"]] == 1 and o.get("color")]
 
 
 def _shape_of(objects: list[dict], _: list[str], __: int) -> list[QA]:
-    colors = Counter(o["color"] for o in objects)
+    colors = Counter(o.get("color") for o in objects)
     return [(f"What shape is the {o['color']} one? Answer with one word.", o["category"], i)
-            for i, o in enumerate(objects) if len(objects) > 1 and colors[o["color"]] == 1]
+            for i, o in enumerate(objects) if len(objects) > 1 and o.get("color") and colors[o["color"]] == 1]
 
 
 def _count(objects: list[dict], _: list[str], __: int) -> list[QA]:
@@ -63,6 +69,11 @@ def _exists(objects: list[dict], shapes: list[str], pick: int) -> list[QA]:
     return [(f"Is there a {shape} in the image? Answer yes or no.", answer, None)]
 
 
+FIRST = {"exists": 0, "count": 1}
+"""Asked before the other attributes, in this order: the questions that name objects would give their answers
+away ("What color is the star?" says there is a star; after two objects are named, "How many shapes are there?"
+in a scene of two or three is nearly answered)."""
+
 ATTRIBUTES: dict[str, Callable[[list[dict], list[str], int], list[QA]]] = {
     "color": _color, "shape": _shape, "color_of": _color_of, "shape_of": _shape_of, "count": _count, "exists": _exists,
 }
@@ -72,15 +83,15 @@ ATTRIBUTES: dict[str, Callable[[list[dict], list[str], int], list[QA]]] = {
 def grounding_records(world: Path, attributes: tuple[str, ...] = ("color", "shape")) -> tuple[list[dict], int]:
     """(records, scenes left out) for world split `world`; image paths are relative to `world/images`."""
     unknown = [a for a in attributes if a not in ATTRIBUTES]
-    if unknown or not attributes:
-        raise ValueError(f"grounding attributes {list(attributes)}: known are {', '.join(ATTRIBUTES)}")
+    if unknown or not attributes or len(set(attributes)) != len(attributes):
+        raise ValueError(f"grounding attributes {list(attributes)}: each at most once; known are {', '.join(ATTRIBUTES)}")
     scenes = _read_scenes(Path(world) / "scenes.jsonl")
     shapes = sorted({o["category"] for scene in scenes for o in scene["objects"]})
     out, skipped = [], 0
     for scene in scenes:
         sid = f"{scene['split']}-{scene['image_id']}"
         pick = int(hashlib.sha256(sid.encode()).hexdigest()[:8], 16)  # which shapes `exists` asks: fixed per scene
-        ordered = sorted(attributes, key=lambda a: a != "exists")  # existence first (see the module docstring)
+        ordered = sorted(attributes, key=lambda a: FIRST.get(a, len(FIRST)))  # see FIRST
         asked = _one_per_object([(a, qa) for a in ordered for qa in ATTRIBUTES[a](scene["objects"], shapes, pick)], pick)
         if not asked:
             skipped += 1
@@ -111,12 +122,12 @@ def _read_scenes(path: Path) -> list[dict]:
         try:
             scene = json.loads(line)
             missing = [k for k in ("split", "image_id", "file_name", "objects") if k not in scene]
-            bad = [o for o in scene.get("objects") or [] if not (o.get("category") and o.get("color"))]
+            bad = [o for o in scene.get("objects") or [] if not o.get("category")]
         except (ValueError, TypeError, AttributeError) as exc:
             raise ValueError(f"{path}:{n}: not a scene record ({exc!r})") from None
         if missing or bad:
             raise ValueError(f"{path}:{n}: not a scene record (" + (f"no {missing}" if missing else
-                             "an object without a category or color") + ")")
+                             "an object without a category") + ")")
         scenes.append(scene)
     return scenes
 

@@ -50,8 +50,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "init": {"lm": "smollm2-135m", "projector": "mlp2x_gelu", "template": "tokenizer", "seed": 0},
     "align": {"train": {}},
-    # a first LoRA run between align and instruct on grounding questions (llavakit/datagen/grounding.py: the same
-    # colour/shape questions of single-object scenes, which only the image answers); instruct goes on training its
+    # a first LoRA run between align and instruct on grounding questions (llavakit/datagen/grounding.py: fixed
+    # questions that only the image answers, of single- or few-object scenes); instruct goes on training its
     # adapter, so the model still ships as one adapter. world None: no ground step (instruct starts from align)
     "ground": {
         "world": None,  # {num_images, seed, ...}: world.options plus these WorldConfig fields (min/max_objects: 1)
@@ -203,8 +203,9 @@ def check(cfg: dict) -> None:
                 raise RecipeError(f"ground.world.{key}: not a world setting (known: {', '.join(sorted(known))})")
         from llavakit.datagen.grounding import ATTRIBUTES
 
-        if not ground["attributes"] or any(a not in ATTRIBUTES for a in ground["attributes"]):
-            raise RecipeError(f"ground.attributes {ground['attributes']!r}: known are {', '.join(ATTRIBUTES)}")
+        attrs = ground["attributes"]
+        if not attrs or any(a not in ATTRIBUTES for a in attrs) or len(set(attrs)) != len(attrs):
+            raise RecipeError(f"ground.attributes {attrs!r}: each at most once; known are {', '.join(ATTRIBUTES)}")
         instruct = cfg["instruct"]["train"]
         if not instruct.get("lora", {}).get("enabled"):
             raise RecipeError("ground: instruct goes on training the ground step's LoRA adapter; "

@@ -160,11 +160,12 @@ class Recipe:
         return [self.results[d].id for d in deps[name]]
 
     def step_hash(self, name: str) -> str:
+        from llavakit.datagen.grounding import GROUNDING_VERSION
         from llavakit.datagen.sceneqa import GENERATOR_VERSION  # new generator rules: new data
 
         section = {"world": self.cfg["world"], "data": [self.cfg["data"], self.cfg["seed"], GENERATOR_VERSION],
                    "encoder": self.cfg["encoder"], "init": self.cfg["init"], "align": self.cfg["align"],
-                   "ground": [self.cfg["ground"], self.cfg["world"]["options"], self.ground_train()],
+                   "ground": [self.cfg["ground"], self.cfg["world"]["options"], self.ground_train(), GROUNDING_VERSION],
                    "instruct": self.cfg["instruct"], "eval": self.cfg["eval"], "package": self.cfg["name"]}[name]
         return digest(name, section, self.upstream(name))
 
@@ -198,8 +199,10 @@ class Recipe:
             section = [_fixed_train_settings(self.cfg[name]["train"]),
                        {k: v for k, v in self.cfg[name].items() if k != "train"}]  # instruct.replay_ground
         elif name == "ground":
+            from llavakit.datagen.grounding import GROUNDING_VERSION
+
             section = [{k: v for k, v in self.cfg["ground"].items() if k != "train"}, self.cfg["world"]["options"],
-                       _fixed_train_settings(self.ground_train())]
+                       _fixed_train_settings(self.ground_train()), GROUNDING_VERSION]
         else:
             return self.step_hash(name)
         return digest(name, "resume", section, self.upstream(name))
