@@ -211,7 +211,7 @@ def test_recipe_ground_step_settings_are_checked():
         load_recipe(data={"encoder": {"reuse": "x"}, **lora, "ground": {**ground, "train": {"lora": {"r": 8}}}})
 
 
-def test_ground_step_needs_single_object_scenes_and_until_names_a_step_that_runs(tmp_path):
+def test_ground_step_needs_a_question_that_applies_and_until_names_a_step_that_runs(tmp_path):
     from llavakit.recipe.run import Recipe, StepResult
 
     lora = {"instruct": {"train": {"lora": {"enabled": True}}}}

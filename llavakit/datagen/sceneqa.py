@@ -722,11 +722,13 @@ class SceneQA:
                types: tuple[str, ...] | None = None) -> list[QA]:
         """Up to `n` distinct QAs with types drawn by weight (no repeated question or fact), existence first.
 
-        No answer may follow from the text of earlier turns: an earlier "What color is the star?" tells that a
-        star is there (in v1's records "yes if an earlier turn names the shape" was right for 66 % of the existence
-        answers, and the recipe's v4 model answered every existence question yes), so existence
+        Existence answers must not follow from the text of earlier turns: an earlier "What color is the star?"
+        tells that a star is there (in v1's records "yes if an earlier turn names the shape" was right for 66 % of
+        the existence answers, and the recipe's v4 model answered every existence question yes), so existence
         questions come first; and each one's yes/no is a fair coin (v1 balanced them within a record, which
-        made a record's second existence answer the opposite of its first).
+        made a record's second existence answer the opposite of its first). Other questions can still lean on
+        earlier turns (a "yes" to "Is there a red circle?" before "Is there a circle?", or "the circle" implying
+        one); existence was the one the models measurably learned from the text.
         """
         pool = [t for t in self.available(img) if types is None or t in types]
         out: list[QA] = []

@@ -459,7 +459,7 @@ def write_replay_mix(data: Path, image_folder: Path, ground_dir: Path, ratio: fl
     from llavakit.datagen.mix import mix_sources, read_records
 
     mix.parent.mkdir(parents=True, exist_ok=True)
-    images = Path(os.path.relpath(ground_dir / "world" / "images", image_folder))
+    images = Path(os.path.relpath((ground_dir / "world" / "images").resolve(), image_folder.resolve()))  # symlinks
     records = [{**r, "id": f"ground-{r['id']}", "image": str(images / r["image"])}
                for r in read_records(ground_dir / "questions.json")]
     _write_json(mix.with_name("ground.json"), records)
