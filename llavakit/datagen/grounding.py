@@ -9,8 +9,9 @@ trains on them before `instruct`.
 
 The other attributes ask of scenes with two or more objects, in the same fixed wordings: the colour of
 an object whose shape is unique in its scene (`color_of`), the shape of one whose colour is (`shape_of`;
-each object is named by one of the two at most, as the one answer would give the other away), how many shapes there are (`count`), and whether a shape is there (`exists`: a shape that
-is there or, as often, one of the world's shapes that is not). Existence and count come first in a
+each object is named by one of the two at most, as the one answer would give the other away), how many
+shapes there are (`count`), and whether a shape is there (`exists`: a shape that is there or, as often,
+one of the world's shapes that is not). Existence and count come first in a
 record (`FIRST`): an earlier "What color is the star?" would tell that a star is there. Objects without a
 colour (clip art) are asked only their shape.
 
@@ -87,11 +88,11 @@ def grounding_records(world: Path, attributes: tuple[str, ...] = ("color", "shap
         raise ValueError(f"grounding attributes {list(attributes)}: each at most once; known are {', '.join(ATTRIBUTES)}")
     scenes = _read_scenes(Path(world) / "scenes.jsonl")
     shapes = sorted({o["category"] for scene in scenes for o in scene["objects"]})
+    ordered = sorted(attributes, key=lambda a: FIRST.get(a, len(FIRST)))  # see FIRST
     out, skipped = [], 0
     for scene in scenes:
         sid = f"{scene['split']}-{scene['image_id']}"
-        pick = int(hashlib.sha256(sid.encode()).hexdigest()[:8], 16)  # which shapes `exists` asks: fixed per scene
-        ordered = sorted(attributes, key=lambda a: FIRST.get(a, len(FIRST)))  # see FIRST
+        pick = int(hashlib.sha256(sid.encode()).hexdigest()[:8], 16)  # the per-scene choices: fixed per scene
         asked = _one_per_object([(a, qa) for a in ordered for qa in ATTRIBUTES[a](scene["objects"], shapes, pick)], pick)
         if not asked:
             skipped += 1
