@@ -12,8 +12,9 @@ an object whose shape is unique in its scene (`color_of`), the shape of one whos
 each object is named by one of the two at most, as the one answer would give the other away), how many
 shapes there are (`count`), and whether a shape is there (`exists`: a shape that is there or, as often,
 one of the world's shapes that is not). Existence and count come first in a
-record (`FIRST`): an earlier "What color is the star?" would tell that a star is there. Objects without a
-colour (clip art) are asked only their shape.
+record (`FIRST`): an earlier "What color is the star?" would tell that a star is there. (The other way round
+a lean remains: a "yes" to "Is there a star?" narrows a later "What shape is the cyan one?".) Objects without
+a colour (clip art) are asked only their shape.
 
 Reads a `llavakit world` split (its `scenes.jsonl`); scenes that no asked attribute applies to (a
 chart-only scene, or a two-object scene when only `color`/`shape` are asked) are left out and counted.
