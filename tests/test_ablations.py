@@ -75,6 +75,14 @@ def test_each_variant_trains_on_its_own_inputs(tmp_path):
     assert (cd.data.path, cd.init_from, cd.stage) == (str(out / "data" / "captions.json"), str(out / "align"), "instruct")
     assert len({v.step_hash("instruct") for v in (a, b, c, d)}) == 4
     assert len({v.step_dir("instruct") for v in (a, b, c, d)}) == 4
+    # instruct.replay_ground bears on (a) alone, the one variant with a ground step to replay
+    other = json.loads(json.dumps(cfg))
+    other["instruct"]["replay_ground"] = 0.5
+    a2, b2, c2 = (wired(other, name, tmp_path) for name in ("align_instruct", "instruct_only", "text_only"))
+    a2.results["ground"] = StepResult("ground", out / "ground", "h", "id-ground", True, 0.0, {})
+    assert a2.step_hash("instruct") != a.step_hash("instruct") and a2.resume_key("instruct") != a.resume_key("instruct")
+    assert (b2.step_hash("instruct"), c2.step_hash("instruct")) == (b.step_hash("instruct"), c.step_hash("instruct"))
+    assert b2.resume_key("instruct") == b.resume_key("instruct")
 
 
 def test_blank_images_keep_names_and_lose_every_pixel(tmp_path):

@@ -166,7 +166,7 @@ class Recipe:
         section = {"world": self.cfg["world"], "data": [self.cfg["data"], self.cfg["seed"], GENERATOR_VERSION],
                    "encoder": self.cfg["encoder"], "init": self.cfg["init"], "align": self.cfg["align"],
                    "ground": [self.cfg["ground"], self.cfg["world"]["options"], self.ground_train(), GROUNDING_VERSION],
-                   "instruct": self.cfg["instruct"], "eval": self.cfg["eval"], "package": self.cfg["name"]}[name]
+                   "instruct": self.instruct_settings(), "eval": self.cfg["eval"], "package": self.cfg["name"]}[name]
         return digest(name, section, self.upstream(name))
 
     def step(self, name: str) -> StepResult:
@@ -195,9 +195,11 @@ class Recipe:
 
     def resume_key(self, name: str) -> str:
         """What unfinished work of step `name` must share to be resumed: its hash without resumable settings."""
-        if name in ("align", "instruct"):
+        if name == "align":
+            section = _fixed_train_settings(self.cfg[name]["train"])
+        elif name == "instruct":
             section = [_fixed_train_settings(self.cfg[name]["train"]),
-                       {k: v for k, v in self.cfg[name].items() if k != "train"}]  # instruct.replay_ground
+                       {k: v for k, v in self.instruct_settings().items() if k != "train"}]
         elif name == "ground":
             from llavakit.datagen.grounding import GROUNDING_VERSION
 
@@ -330,6 +332,13 @@ class Recipe:
     def stage_data(self, stage: str) -> Path:
         """The data file of the recipe's data step that `stage` trains on."""
         return self.data_dir / ("captions.json" if stage == "align" else "mix.json")
+
+    def instruct_settings(self) -> dict:
+        """The instruct section as it bears on this run: replay_ground only when there is a ground step to replay
+        (an ablation variant without one trains the same whatever its value)."""
+        if self.replaying("instruct"):
+            return self.cfg["instruct"]
+        return {k: v for k, v in self.cfg["instruct"].items() if k != "replay_ground"}
 
     def replaying(self, stage: str) -> bool:
         """Whether `stage` trains on its data with the ground step's records mixed in (instruct.replay_ground)."""
