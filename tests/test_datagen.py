@@ -848,7 +848,7 @@ def test_grounding_records_of_several_objects_ask_what_only_the_image_tells(tmp_
     assert grounding_records(world)[1] == 2  # color/shape: single-object scenes only
 
 
-def _scenes_world(world: Path, scenes: list[list[tuple[str, str]]]) -> Path:
+def _scenes_world(world: Path, scenes: list[list[tuple[str, str | None]]]) -> Path:
     world.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"split": "train", "image_id": i, "file_name": f"images/train_{i:06d}.png",
                          "objects": [{"category": c, "color": k} for c, k in objects]}) for i, objects in enumerate(scenes)]
