@@ -31,3 +31,41 @@ def test_chat_without_model_uses_default(not_shipped, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(image)
     assert main(["chat", "--image", str(image), "what is it?"]) != 0
     assert "default model is not shipped" in capsys.readouterr().err
+
+
+def test_the_shipped_default_model_is_intact_and_was_trained_by_the_repo_recipe():
+    """The checkout ships the default model: every file matches its manifest, and the recipe recorded in the
+    manifest is configs/default/recipe.yaml as it stands (so `llavakit recipe` reproduces what ships)."""
+    import json
+    from pathlib import Path
+
+    from llavakit.model.package import verify_files
+    from llavakit.recipe.config import load_recipe
+
+    assert default_model.available(), f"{default_model.WEIGHTS / 'manifest.json'} is missing"
+    manifest = default_model.manifest()
+    verify_files(default_model.WEIGHTS, manifest)
+    recipe = load_recipe(Path(__file__).parents[1] / default_model.RECIPE)
+    assert json.loads(json.dumps(recipe, default=str)) == json.loads(json.dumps(manifest["recipe"], default=str))
+    rows = manifest["eval"]["rows"]
+    assert {"full", "blind", "majority"} <= set(rows["short answers overall (%)"])  # the model card's columns
+    assert manifest["size_bytes"] < 50e6
+
+
+@pytest.mark.slow
+def test_the_shipped_default_model_materialises_and_names_a_colour(tmp_path, monkeypatch):
+    """First use rebuilds the full model from the shipped parts + SmolLM2 (digest-checked) into the cache; asked
+    the colour of a single generated object, it answers with one of the world's colour names."""
+    from llavakit.infer.api import load_pipeline
+    from llavakit.world.config import COLORS, WorldConfig
+    from llavakit.world.generate import generate_world
+
+    monkeypatch.setenv("LLAVAKIT_CACHE", str(tmp_path / "cache"))
+    options = dict(default_model.manifest()["recipe"]["world"]["options"])
+    world = tmp_path / "world"
+    generate_world(WorldConfig(out=str(world), num_images=2, seed=77, split="test", min_objects=1, max_objects=1,
+                               **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
+    pipe = load_pipeline(default_model.path(progress=None))
+    images = sorted((world / "images").glob("*.png"))
+    answers = pipe.generate([(pipe.load_images([p]), "<image>\nWhat color is the shape?\nAnswer the question using a single word or phrase.") for p in images], max_new_tokens=8)
+    assert all(a.strip().lower().rstrip(".") in COLORS for a in answers), answers

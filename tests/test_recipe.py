@@ -142,6 +142,7 @@ def test_demo_asks_the_shipped_model_about_held_out_images_like_its_training_wor
     out = capsys.readouterr().out
     assert "== default model: 1 held-out generated images" in out and "offline benchmark, default model" in out
     assert "short answers overall" in out and "PILOT" not in out
+    assert "THE DEFAULT MODEL" in out and "benchmark when it was trained" in out  # its recipe's own table, labelled
     assert list((tmp_path / "cache" / "models").glob("default-*/model.safetensors"))
     worlds = sorted(p for p in (tmp_path / "demo").glob("world-test-*") if p.is_dir())
     assert len(worlds) == 2

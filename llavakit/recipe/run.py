@@ -430,7 +430,7 @@ class Recipe:
             raise RecipeError(f"ground: no question of ground.attributes {g['attributes']} applies to any of the "
                               f"{left_out} scenes of ground.world (color and shape ask of single-object scenes)")
         _write_json(path / "questions.json", records)
-        self.say(f"ground: {len(records)} grounding records ({left_out} scenes without a question left out)")
+        self.say(f"ground: {len(records)} grounding records ({left_out} scene{'s' * (left_out != 1)} without a question left out)")
         info = self.train_run("ground", self.ground_config(path), path / "run")
         info["records"], info["left_out"] = len(records), left_out
         return info
