@@ -105,6 +105,7 @@ def test_every_step_writes_its_outputs(recipe_run):
     manifest = json.loads((tmp / "package" / "manifest.json").read_text())
     assert set(manifest["files"]) >= {"vision.safetensors", "embeddings.safetensors", "adapter/adapter_config.json",
                                       "config.json"}
+    assert "adapter/README.md" not in manifest["files"]  # peft's template card is not shipped
     for r in results.values():
         marker = json.loads((r.dir / ".recipe-step.json").read_text())
         assert marker["hash"] == r.hash

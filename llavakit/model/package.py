@@ -94,7 +94,8 @@ def write_package(instruct_dir: Path, out: Path, *, base_lm: str, base_lm_dir: P
     try:
         save_file({k: v.contiguous() for k, v in vision.items()}, str(tmp / "vision.safetensors"), metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in new_rows.items()}, str(tmp / "embeddings.safetensors"), metadata={"format": "pt"})
-        shutil.copytree(adapter_dir, tmp / "adapter")
+        # not peft's README.md: a template model card with placeholders (the card is docs/default-model.md)
+        shutil.copytree(adapter_dir, tmp / "adapter", ignore=shutil.ignore_patterns("README.md"))
         for f in sorted(model_dir.iterdir()):
             if f.is_file() and f.suffix in COPY_SUFFIXES and f.name not in SKIP:
                 shutil.copy2(f, tmp / f.name)
