@@ -35,7 +35,8 @@ def test_chat_without_model_uses_default(not_shipped, tmp_path, capsys):
 
 def test_the_shipped_default_model_is_intact_and_was_trained_by_the_repo_recipe():
     """The checkout ships the default model: every file matches its manifest, and the recipe recorded in the
-    manifest is configs/default/recipe.yaml as it stands (so `llavakit recipe` reproduces what ships)."""
+    manifest trains what configs/default/recipe.yaml trains as it stands (so `llavakit recipe` reproduces what
+    ships; eval and package settings may change without retraining)."""
     import json
     from pathlib import Path
 
@@ -45,27 +46,35 @@ def test_the_shipped_default_model_is_intact_and_was_trained_by_the_repo_recipe(
     assert default_model.available(), f"{default_model.WEIGHTS / 'manifest.json'} is missing"
     manifest = default_model.manifest()
     verify_files(default_model.WEIGHTS, manifest)
-    recipe = load_recipe(Path(__file__).parents[1] / default_model.RECIPE)
-    assert json.loads(json.dumps(recipe, default=str)) == json.loads(json.dumps(manifest["recipe"], default=str))
+    recipe = json.loads(json.dumps(load_recipe(Path(__file__).parents[1] / default_model.RECIPE), default=str))
+    shipped = json.loads(json.dumps(manifest["recipe"], default=str))
+    for section in ("seed", "world", "encoder", "data", "init", "align", "ground", "instruct"):  # what decides weights
+        assert recipe[section] == shipped[section], f"configs/default/recipe.yaml: {section} differs from the shipped model's"
     rows = manifest["eval"]["rows"]
     assert {"full", "blind", "majority"} <= set(rows["short answers overall (%)"])  # the model card's columns
     assert manifest["size_bytes"] < 50e6
 
 
 @pytest.mark.slow
-def test_the_shipped_default_model_materialises_and_names_a_colour(tmp_path, monkeypatch):
+def test_the_shipped_default_model_materialises_and_reads_colour(tmp_path, monkeypatch):
     """First use rebuilds the full model from the shipped parts + SmolLM2 (digest-checked) into the cache; asked
-    the colour of a single generated object, it answers with one of the world's colour names."""
+    the colour of a single generated object, it names the right one for most of 8 images (the model card's
+    teacher-forced rate is 0.90 with the image, 0.06 with another one)."""
+    import json
+
     from llavakit.infer.api import load_pipeline
-    from llavakit.world.config import COLORS, WorldConfig
+    from llavakit.world.config import WorldConfig
     from llavakit.world.generate import generate_world
 
     monkeypatch.setenv("LLAVAKIT_CACHE", str(tmp_path / "cache"))
     options = dict(default_model.manifest()["recipe"]["world"]["options"])
     world = tmp_path / "world"
-    generate_world(WorldConfig(out=str(world), num_images=2, seed=77, split="test", min_objects=1, max_objects=1,
+    generate_world(WorldConfig(out=str(world), num_images=8, seed=77, split="test", min_objects=1, max_objects=1,
                                **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
+    scenes = [json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines()]
+    truth = [s["objects"][0]["color"] for s in scenes]
     pipe = load_pipeline(default_model.path(progress=None))
-    images = sorted((world / "images").glob("*.png"))
-    answers = pipe.generate([(pipe.load_images([p]), "<image>\nWhat color is the shape?\nAnswer the question using a single word or phrase.") for p in images], max_new_tokens=8)
-    assert all(a.strip().lower().rstrip(".") in COLORS for a in answers), answers
+    prompt = "<image>\nWhat color is the shape?\nAnswer the question using a single word or phrase."
+    answers = pipe.generate([(pipe.load_images([world / s["file_name"]]), prompt) for s in scenes], max_new_tokens=8)
+    right = sum(a.strip().lower().rstrip(".") == t for a, t in zip(answers, truth))
+    assert right >= 5, list(zip(answers, truth))
