@@ -324,6 +324,26 @@ def test_existence_questions_are_balanced_and_negatives_include_hard_ones():
     assert hard / answers["no"] > 0.3
 
 
+def test_existence_and_zero_count_phrasing_does_not_give_the_answer_away():
+    """Naming a colour or not is independent of the answer (generator v2 asked colour-less "Is there a star?" only
+    of present shapes: a model learned "no colour named -> yes" and said yes to every POPE question), and "How many
+    <shape>s?" can be zero."""
+    ds = world_dataset()
+    engine = SceneQA(ds)
+    exists, zero_counts = Counter(), Counter()
+    for img in ds.images:
+        for seed in range(120):
+            for qa in engine.sample(img, random.Random(seed), 6):
+                if qa.qtype == "exists" and img.objects:
+                    exists[(qa.facts["color"] is not None, qa.short)] += 1
+                elif qa.qtype == "count" and qa.short == "0":
+                    zero_counts[qa.facts["color"] is not None] += 1
+    for named in (True, False):
+        yes, no = exists[(named, "yes")], exists[(named, "no")]
+        assert yes + no > 100 and 0.35 <= yes / (yes + no) <= 0.65, exists
+    assert zero_counts[False] > 20 and zero_counts[True] > 20, zero_counts
+
+
 def test_no_existence_answer_follows_from_earlier_turns():
     """Existence questions open a record (a turn naming a shape would give its existence away), and a record's
     second one is not forced to the opposite of its first (generator v1 did both)."""
@@ -555,7 +575,7 @@ def test_offline_run_writes_valid_records_report_and_reruns_from_cache(tmp_path)
     for rec in data:
         check_record(rec, WORLD / "images")
         prov = rec["provenance"]
-        assert prov["teacher"] == "offline" and prov["model"] == "sceneqa-v2-seed0"
+        assert prov["teacher"] == "offline" and prov["model"] == "sceneqa-v3-seed0"
         assert prov["prompt_version"] == "1" and prov["kind"] == rec["id"].split("-")[1]
         assert prov["image_id"] == int(rec["id"].split("-")[0])
         first = rec["conversations"][0]["value"]

@@ -35,7 +35,11 @@ from llavakit.datagen.language import (
     where_ref,
 )
 
-GENERATOR_VERSION = "2"  # 2: existence questions first in a record, yes/no a fair coin each
+GENERATOR_VERSION = "3"  # 2: existence questions first in a record, yes/no a fair coin each; 3: absent things
+# named without a colour as often as present ones (v2 asked colour-less "Is there a star?" only of present shapes)
+
+NAMED_COLOR_SHARE = 0.7
+"""How often an existence question names the colour, for "yes" and "no" answers alike."""
 
 QTYPE_WEIGHTS: dict[str, float] = {
     "count": 3.0,
@@ -227,6 +231,15 @@ class SceneQA:
         pool = hard if hard and rng.random() < 0.5 else combos
         return rng.choice(pool)
 
+    def _absent_thing(self, img: ImageEntry, rng: random.Random, named_color: bool) -> tuple[str | None, str] | None:
+        """An absent (colour, category), or (None, category) for an absent category when `named_color` is false
+        (an absent combination when every category is present)."""
+        cats_present = {o.category for o in img.objects}
+        absent_cats = [k for k in self.categories if k not in cats_present]
+        if named_color or not absent_cats:
+            return self._absent_combo(img, rng)
+        return None, rng.choice(absent_cats)
+
     def _compute_absent(self, img: ImageEntry) -> tuple[list, list]:
         present = {(o.color, o.category) for o in img.objects}
         cats_present = {o.category for o in img.objects}
@@ -269,7 +282,7 @@ class SceneQA:
         # Draw the count value first, then a target with that count: this flattens the answer
         # distribution (most single categories occur once; colours and totals give larger counts).
         by_count = dict(self._count_targets(img))
-        absent = self._absent_combo(img, rng)
+        absent = self._absent_thing(img, rng, named_color=rng.random() < NAMED_COLOR_SHARE)
         if absent is not None:
             by_count[0] = [absent]
         if not by_count:
@@ -361,7 +374,9 @@ class SceneQA:
         """Present or clearly absent things, each with probability 1/2 unless `positive` asks for one."""
         if positive is None:
             positive = rng.random() < 0.5
-        absent = None if positive else self._absent_combo(img, rng)
+        # the same share names a colour whatever the answer: otherwise the phrasing alone gives the answer away
+        named_color = rng.random() < NAMED_COLOR_SHARE
+        absent = None if positive else self._absent_thing(img, rng, named_color)
         if not img.objects:
             positive = False
         elif not positive and absent is None:
@@ -369,12 +384,11 @@ class SceneQA:
         im = _img(rng)
         if positive:
             o = rng.choice([o for o in img.objects])
-            use_color = o.color is not None and rng.random() < 0.7
-            color, category = (o.color if use_color else None), o.category
+            color, category = (o.color if named_color else None), o.category
             n = sum(1 for p in img.objects if p.category == category and (color is None or p.color == color))
         else:
             if absent is None:
-                absent = self._absent_combo(img, rng)
+                absent = self._absent_thing(img, rng, named_color)
             if absent is None:
                 return None
             color, category = absent
