@@ -18,7 +18,7 @@ def package_model(recipe, path: Path) -> dict:
     summary = None
     if eval_dir is not None and (eval_dir / "summary.json").is_file():
         summary = json.loads((eval_dir / "summary.json").read_text())
-    extra = {"name": recipe.cfg["name"], "eval": summary, "steps": {n: {"seconds": r.seconds, "info": _small(r.info)}
+    extra = {"name": recipe.cfg["name"], "code": code_versions(), "eval": summary, "steps": {n: {"seconds": r.seconds, "info": _small(r.info)}
                                                                     for n, r in recipe.results.items()}}
     manifest = write_package(recipe.results["instruct"].dir, path, base_lm=recipe.cfg["init"]["lm"],
                              base_lm_dir=Path(init_info["lm_dir"]), recipe=recipe.cfg, extra=extra)
@@ -27,6 +27,15 @@ def package_model(recipe, path: Path) -> dict:
         materialize(path, target=Path(tmp) / "roundtrip", base_lm_dir=Path(init_info["lm_dir"]), progress=recipe.say)
     return {"size_bytes": manifest["size_bytes"], "model_tensors_sha256": manifest["model_tensors_sha256"],
             "identity": package_id(manifest)}
+
+
+def code_versions() -> dict[str, str]:
+    """The data generators' rule versions: with the recipe file they decide the training data (a new version means
+    the shipped weights are no longer what the recipe trains)."""
+    from llavakit.datagen.grounding import GROUNDING_VERSION
+    from llavakit.datagen.sceneqa import GENERATOR_VERSION
+
+    return {"sceneqa": GENERATOR_VERSION, "grounding": GROUNDING_VERSION}
 
 
 def _small(info: dict) -> dict:
