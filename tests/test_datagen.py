@@ -344,6 +344,24 @@ def test_existence_and_zero_count_phrasing_does_not_give_the_answer_away():
     assert zero_counts[False] > 20 and zero_counts[True] > 20, zero_counts
 
 
+def test_absent_things_are_of_categories_some_image_has():
+    """A declared category no image has (the world lists all its shapes, a recipe may draw a few) is never asked
+    about: its "no" / "0" would be learnt from the word alone (generator v3 did so)."""
+    import dataclasses
+
+    ds = world_dataset()
+    occurring = {o.category for img in ds.images for o in img.objects}
+    ds = dataclasses.replace(ds, categories=[*ds.categories, "hexagon", "octagon"])  # declared, never drawn
+    engine = SceneQA(ds)
+    named = Counter()
+    for img in ds.images:
+        for seed in range(60):
+            for qa in engine.sample(img, random.Random(seed), 6):
+                if qa.qtype in ("exists", "count") and qa.facts.get("category"):
+                    named[qa.facts["category"] in occurring] += 1
+    assert named[True] > 300 and named[False] == 0, named
+
+
 def test_no_existence_answer_follows_from_earlier_turns():
     """Existence questions open a record (a turn naming a shape would give its existence away), and a record's
     second one is not forced to the opposite of its first (generator v1 did both)."""
@@ -575,7 +593,7 @@ def test_offline_run_writes_valid_records_report_and_reruns_from_cache(tmp_path)
     for rec in data:
         check_record(rec, WORLD / "images")
         prov = rec["provenance"]
-        assert prov["teacher"] == "offline" and prov["model"] == "sceneqa-v3-seed0"
+        assert prov["teacher"] == "offline" and prov["model"] == "sceneqa-v4-seed0"
         assert prov["prompt_version"] == "1" and prov["kind"] == rec["id"].split("-")[1]
         assert prov["image_id"] == int(rec["id"].split("-")[0])
         first = rec["conversations"][0]["value"]

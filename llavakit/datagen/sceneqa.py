@@ -35,8 +35,9 @@ from llavakit.datagen.language import (
     where_ref,
 )
 
-GENERATOR_VERSION = "3"  # 2: existence questions first in a record, yes/no a fair coin each; 3: absent things
-# named without a colour as often as present ones (v2 asked colour-less "Is there a star?" only of present shapes)
+GENERATOR_VERSION = "4"  # 2: existence questions first in a record, yes/no a fair coin each; 3: absent things
+# named without a colour as often as present ones (v2 asked colour-less "Is there a star?" only of present shapes);
+# 4: absent things only of categories some image has (v3 asked of the world's six never-drawn declared shapes)
 
 NAMED_COLOR_SHARE = 0.7
 """How often an existence question names the colour, for "yes" and "no" answers alike."""
@@ -127,7 +128,10 @@ class SceneQA:
     """Generates QA pairs, descriptions and reasoning for images of one dataset."""
 
     def __init__(self, dataset: Dataset):
-        self.categories = list(dataset.categories)
+        # only categories some image has: "Is there a hexagon?" of a dataset without hexagons is a "no" learnt from
+        # the word alone (the generated world declares all its 14 shapes, the default recipe draws 8)
+        occurring = {o.category for img in dataset.images for o in img.objects}
+        self.categories = [c for c in dataset.categories if c in occurring]
         self.colors = list(dataset.colors)
         self.sizes = list(dataset.sizes) or list(SIZES)
         self.thing = dataset.thing
