@@ -35,13 +35,14 @@ def test_chat_without_model_uses_default(not_shipped, tmp_path, capsys):
 
 def test_the_shipped_default_model_is_intact_and_was_trained_by_the_repo_recipe():
     """The checkout ships the default model: every file matches its manifest, and the recipe recorded in the
-    manifest trains what configs/default/recipe.yaml trains as it stands (so `llavakit recipe` reproduces what
-    ships; eval and package settings may change without retraining)."""
+    manifest trains what configs/default/recipe.yaml trains as it stands, with the same data generator versions (so
+    `llavakit recipe` reproduces what ships; eval and package settings may change without retraining)."""
     import json
     from pathlib import Path
 
     from llavakit.model.package import verify_files
     from llavakit.recipe.config import load_recipe
+    from llavakit.recipe.package import code_versions
 
     assert default_model.available(), f"{default_model.WEIGHTS / 'manifest.json'} is missing"
     manifest = default_model.manifest()
@@ -50,6 +51,7 @@ def test_the_shipped_default_model_is_intact_and_was_trained_by_the_repo_recipe(
     shipped = json.loads(json.dumps(manifest["recipe"], default=str))
     for section in ("seed", "world", "encoder", "data", "init", "align", "ground", "instruct"):  # what decides weights
         assert recipe[section] == shipped[section], f"configs/default/recipe.yaml: {section} differs from the shipped model's"
+    assert manifest.get("code") == code_versions(), "the data generators changed since the shipped model was trained"
     rows = manifest["eval"]["rows"]
     assert {"full", "blind", "majority"} <= set(rows["short answers overall (%)"])  # the model card's columns
     assert manifest["size_bytes"] < 50e6
