@@ -18,8 +18,8 @@ def package_model(recipe, path: Path) -> dict:
     summary = None
     if eval_dir is not None and (eval_dir / "summary.json").is_file():
         summary = json.loads((eval_dir / "summary.json").read_text())
-    extra = {"name": recipe.cfg["name"], "code": code_versions(), "eval": summary, "steps": {n: {"seconds": r.seconds, "info": _small(r.info)}
-                                                                    for n, r in recipe.results.items()}}
+    steps = {n: {"seconds": r.seconds, "info": _small(r.info)} for n, r in recipe.results.items()}
+    extra = {"name": recipe.cfg["name"], "code": code_versions(), "eval": summary, "steps": steps}
     manifest = write_package(recipe.results["instruct"].dir, path, base_lm=recipe.cfg["init"]["lm"],
                              base_lm_dir=Path(init_info["lm_dir"]), recipe=recipe.cfg, extra=extra)
     recipe.say(f"package: {path} ({manifest['size_bytes'] / 1e6:.1f} MB); checking the round trip")
