@@ -368,6 +368,47 @@ def test_category_loss_trains_a_head_beside_the_clip_loss(worlds, tmp_path):
         CategoryHead.build(cfg, one, 8)
 
 
+def test_box_patch_mask_maps_a_box_through_the_pad_view():
+    """A box of a 64 x 32 image (padded to 64 x 64: 16 px at the top) on an 8 x 8 grid of 4 px patches at 32 px."""
+    from llavakit.train.clip_objects import box_patch_mask
+
+    mask = box_patch_mask([0, 0, 32, 16], 64, 32, image_size=32, patch_size=4).view(8, 8)
+    # tower pixels: x 0..16, y (0 + 16) / 2 = 8..16 -> patch centres 2, 6, 10, 14 across; 10, 14 down
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:4, 0:4] = True
+    assert torch.equal(mask, expected)
+    tiny = box_patch_mask([30, 30, 1, 1], 64, 64, image_size=32, patch_size=4).view(8, 8)  # no centre inside
+    assert tiny.sum() == 1 and tiny[3, 3]
+
+
+def test_object_loss_names_each_objects_shape_and_colour_from_its_patches(worlds, tmp_path):
+    """object_loss_weight > 0: targets follow the scene graph, the loss is logged and falls, the checkpoint is plain CLIP."""
+    from transformers import CLIPModel
+
+    from llavakit.train.clip_objects import object_targets
+
+    scenes = load_scenes(worlds["train"])
+    targets = object_targets(scenes, image_size=32, patch_size=8)
+    assert targets.category_names == ["circle", "square", "triangle"]
+    for row in (0, 1):
+        objs = scenes[row]["objects"]
+        names = [targets.category_names[i] for i in targets.categories[row].tolist() if i != -100]
+        colors = [targets.color_names[i] for i in targets.colors[row].tolist() if i != -100]
+        assert names == [o["category"] for o in objs] and colors == [o["color"] for o in objs]
+        assert (targets.masks[row, : len(objs)].sum(-1) >= 1).all() and targets.masks[row, len(objs) :].sum() == 0
+    cfg = ClipTrainConfig(world=str(worlds["train"]), out=str(tmp_path / "obj"),
+                          **{**TINY_MODEL, "max_steps": 40, "evaluate": False, "object_loss_weight": 1.0})
+    result = train_clip(cfg, say=lambda msg: None)
+    records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["object_loss"] for r in records if "object_loss" in r]
+    assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.3, losses
+    assert "category_loss" not in records[-1]
+    model = CLIPModel.from_pretrained(result.out)  # the heads are not saved
+    assert not any("object" in k or "category" in k for k in model.state_dict())
+    with pytest.raises(ClipConfigError, match="object_loss_weight must be >= 0"):
+        ClipTrainConfig(world="w", out="o", object_loss_weight=-0.5)
+
+
 def test_hard_batches_share_one_value_and_name_the_object():
     """Grouped batches: every image holds the shared colour/shape, each caption names that object, none repeats."""
     import random

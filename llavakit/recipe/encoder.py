@@ -69,6 +69,23 @@ def make_worlds(recipe) -> None:
         recipe.say(f"encoder world {split}: {summary.num_images} images in {summary.seconds:.0f} s")
 
 
+def weight_settings(train_config: dict) -> dict:
+    """The ClipTrainConfig settings that decide an encoder's weights (paths and run-only keys aside), defaults
+    filled in: what the package manifest records and a checkout's `encoder.config` + `encoder.overrides` must match."""
+    from llavakit.train.clip import ClipTrainConfig
+
+    full = ClipTrainConfig.from_dict({"world": "-", "out": "-", **train_config}).to_dict()
+    return {k: v for k, v in sorted(full.items()) if k not in PATH_KEYS + RUN_KEYS}
+
+
+def recipe_weight_settings(enc: dict) -> dict:
+    """weight_settings of what a recipe's `encoder` section asks for (its config file + overrides)."""
+    from llavakit.train.clip_cli import load_yaml
+
+    data = load_yaml(enc["config"]) if enc["config"] else {}
+    return weight_settings({**data, **(enc["overrides"] or {})})
+
+
 def complete(path: Path) -> bool:
     return all((path / f).is_file() for f in ("config.json", "model.safetensors", "train_config.json"))
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from llavakit.model.package import PackageError, materialize, package_id, write_package
+from llavakit.recipe.encoder import weight_settings
 
 __all__ = ["PackageError", "materialize", "package_model"]
 
@@ -19,7 +20,8 @@ def package_model(recipe, path: Path) -> dict:
     if eval_dir is not None and (eval_dir / "summary.json").is_file():
         summary = json.loads((eval_dir / "summary.json").read_text())
     steps = {n: {"seconds": r.seconds, "info": _small(r.info)} for n, r in recipe.results.items()}
-    extra = {"name": recipe.cfg["name"], "code": code_versions(), "eval": summary, "steps": steps}
+    extra = {"name": recipe.cfg["name"], "code": code_versions(), "eval": summary, "steps": steps,
+             "encoder_settings": weight_settings(recipe.results["encoder"].info["train_config"])}
     manifest = write_package(recipe.results["instruct"].dir, path, base_lm=recipe.cfg["init"]["lm"],
                              base_lm_dir=Path(init_info["lm_dir"]), recipe=recipe.cfg, extra=extra)
     recipe.say(f"package: {path} ({manifest['size_bytes'] / 1e6:.1f} MB); checking the round trip")
