@@ -92,11 +92,9 @@ def complete(path: Path) -> bool:
 
 def config_diff(path: Path, wanted) -> list[str]:
     """Keys (paths and run-only settings aside) where the run's recorded config differs from `wanted`."""
-    from llavakit.train.clip import ClipTrainConfig
-
-    recorded = ClipTrainConfig.from_dict(json.loads((path / "train_config.json").read_text())).to_dict()
-    now = wanted.to_dict()
-    return sorted(k for k in set(recorded) | set(now) if k not in PATH_KEYS + RUN_KEYS and recorded.get(k) != now.get(k))
+    recorded = weight_settings(json.loads((path / "train_config.json").read_text()))
+    now = weight_settings(wanted.to_dict())
+    return sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
 
 
 def writers(path: Path) -> list[int]:
