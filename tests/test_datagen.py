@@ -886,9 +886,29 @@ def test_grounding_records_of_several_objects_ask_what_only_the_image_tells(tmp_
     assert grounding_records(world)[1] == 2  # color/shape: single-object scenes only
 
 
-def _scenes_world(world: Path, scenes: list[list[tuple[str, str | None]]]) -> Path:
+def test_grounding_records_ask_where_an_object_is(tmp_path):
+    """position: the cell the world recorded, of the only object or of one with a unique shape; one question per object."""
+    from llavakit.datagen.annotations import POSITIONS
+    from llavakit.datagen.grounding import grounding_records
+
+    world = _scenes_world(tmp_path, [[("heart", "green")], [("circle", "red"), ("circle", "blue"), ("star", "red")],
+                                     [("cat", None)]], positions=[["top left"], ["left", "right", "bottom"], [None]])
+    records, left_out = grounding_records(world, ("position",))
+    assert left_out == 1 and [r["id"] for r in records] == ["train-0", "train-1"]  # a scene with no position: not asked
+    options = f"Answer with one of: {', '.join(POSITIONS)}."
+    assert [[t["value"] for t in r["conversations"]] for r in records] == [
+        [f"<image>\nWhere is the shape? {options}", "top left"],
+        [f"<image>\nWhere is the star? {options}", "bottom"]]  # the two circles are never asked
+    both, _ = grounding_records(world, ("color_of", "position"))
+    assert len(both[1]["conversations"]) == 2  # the star is named once: colour or position, not both
+
+
+def _scenes_world(world: Path, scenes: list[list[tuple[str, str | None]]], positions: list | None = None) -> Path:
     world.mkdir(parents=True, exist_ok=True)
+    where = positions or [[None] * len(objects) for objects in scenes]
     lines = [json.dumps({"split": "train", "image_id": i, "file_name": f"images/train_{i:06d}.png",
-                         "objects": [{"category": c, "color": k} for c, k in objects]}) for i, objects in enumerate(scenes)]
+                         "objects": [{"category": c, "color": k, **({"position": p} if p else {})}
+                                     for (c, k), p in zip(objects, cells)]})
+             for i, (objects, cells) in enumerate(zip(scenes, where))]
     (world / "scenes.jsonl").write_text("\n".join(lines) + "\n")
     return world

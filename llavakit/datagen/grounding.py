@@ -11,7 +11,8 @@ The other attributes ask of scenes with two or more objects, in the same fixed w
 an object whose shape is unique in its scene (`color_of`), the shape of one whose colour is (`shape_of`;
 each object is named by one of the two at most, as the one answer would give the other away), how many
 shapes there are (`count`), and whether a shape is there (`exists`: a shape that is there or, as often,
-one of the world's shapes that is not). Existence and count come first in a
+one of the world's shapes that is not), and where an object is (`position`: the world's 3x3 cell of the only
+object, or of one whose shape is unique in its scene; objects without a recorded position are not asked). Existence and count come first in a
 record (`FIRST`): an earlier "What color is the star?" would tell that a star is there. (The other way round
 a lean remains: a "yes" to "Is there a star?" narrows a later "What shape is the cyan one?".) Objects without
 a colour (clip art) are asked only their shape.
@@ -28,6 +29,8 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+
+from llavakit.datagen.annotations import POSITIONS
 
 GROUNDING_VERSION = "2"
 """Changes whenever the records of the same scenes change (the recipe's ground step hashes it). 2: count
@@ -71,6 +74,15 @@ def _exists(objects: list[dict], shapes: list[str], pick: int) -> list[QA]:
     return [(f"Is there a {shape} in the image? Answer yes or no.", answer, None)]
 
 
+def _position(objects: list[dict], _: list[str], __: int) -> list[QA]:
+    ask = f"Answer with one of: {', '.join(POSITIONS)}."
+    if len(objects) == 1:
+        return [(f"Where is the shape? {ask}", objects[0]["position"], None)] if objects[0].get("position") else []
+    shapes = Counter(o["category"] for o in objects)
+    return [(f"Where is the {o['category']}? {ask}", o["position"], i)
+            for i, o in enumerate(objects) if shapes[o["category"]] == 1 and o.get("position")]
+
+
 FIRST = {"exists": 0, "count": 1}
 """Asked before the other attributes, in this order: the questions that name objects would give their answers
 away ("What color is the star?" says there is a star; after two objects are named, "How many shapes are there?"
@@ -78,6 +90,7 @@ in a scene of two or three is nearly answered)."""
 
 ATTRIBUTES: dict[str, Callable[[list[dict], list[str], int], list[QA]]] = {
     "color": _color, "shape": _shape, "color_of": _color_of, "shape_of": _shape_of, "count": _count, "exists": _exists,
+    "position": _position,
 }
 """Attribute -> (scene objects, the world's shapes, a per-scene number) -> its questions of that scene."""
 
