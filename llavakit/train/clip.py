@@ -106,7 +106,7 @@ class ClipTrainConfig:
     graph, i.e. its COCO annotations). The head is not part of the saved CLIP checkpoint. 0: CLIP loss alone
     (v1). At 2.0 the recipe's recall@1 doubled and the patch grid's position probe rose 0.22 -> 0.34; at 8.0, on
     the v3 world of larger objects, the shape probe rose from 0.18 to 0.36 (chance 0.125; docs/encoder.md)."""
-    object_loss_weight: float = 0.0
+    object_loss_weight: float = 2.0
     """Weight of a second auxiliary loss (llavakit/train/clip_objects.py): for each object of the scene graph,
     the mean of the layer -2 patch tokens inside its box predicts its category and its colour (two linear
     heads, cross-entropy), so the tokens LLaVA reads at an object say what is there. Dropped at save. 0: off (v3).
