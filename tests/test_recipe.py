@@ -106,6 +106,8 @@ def test_every_step_writes_its_outputs(recipe_run):
     assert set(manifest["files"]) >= {"vision.safetensors", "embeddings.safetensors", "adapter/adapter_config.json",
                                       "config.json"}
     assert "adapter/README.md" not in manifest["files"]  # peft's template card is not shipped
+    modules = json.loads((tmp / "package" / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(modules) and len(modules) > 1  # peft's set order would change on every package
     for r in results.values():
         marker = json.loads((r.dir / ".recipe-step.json").read_text())
         assert marker["hash"] == r.hash

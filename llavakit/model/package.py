@@ -96,6 +96,7 @@ def write_package(instruct_dir: Path, out: Path, *, base_lm: str, base_lm_dir: P
         save_file({k: v.contiguous() for k, v in new_rows.items()}, str(tmp / "embeddings.safetensors"), metadata={"format": "pt"})
         # not peft's README.md: a template model card with placeholders (the card is docs/default-model.md)
         shutil.copytree(adapter_dir, tmp / "adapter", ignore=shutil.ignore_patterns("README.md"))
+        _sort_target_modules(tmp / "adapter" / "adapter_config.json")
         for f in sorted(model_dir.iterdir()):
             if f.is_file() and f.suffix in COPY_SUFFIXES and f.name not in SKIP:
                 shutil.copy2(f, tmp / f.name)
@@ -119,6 +120,15 @@ def write_package(instruct_dir: Path, out: Path, *, base_lm: str, base_lm_dir: P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _sort_target_modules(config: Path) -> None:
+    """peft writes `target_modules` from a set, in a new order on every save: sorted, a package of the same
+    weights is the same bytes (and a shipped model's diff shows only what changed)."""
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _parent(out: Path) -> Path:
