@@ -229,6 +229,68 @@ def test_snapshots_are_loadable_clip_checkpoints_of_their_step(worlds, tmp_path,
         ClipTrainConfig(world="w", out="o", snapshot_every=-1)
 
 
+def test_a_stopped_run_resumes_from_its_checkpoint_to_the_weights_of_an_unbroken_run(worlds, tmp_path, monkeypatch):
+    """checkpoint_every: a run stopped mid-epoch after its checkpoint at step 10 and resumed ends with the weights,
+    losses, validation losses, metrics lines and snapshots of a run that never stopped (hard batches and both
+    auxiliary heads in play: every random-number state is restored); the checkpoint is gone at the end."""
+    from safetensors.torch import load_file
+
+    from llavakit.recipe.encoder import resumable
+    from llavakit.train.clip import _Trainer
+
+    settings = {**TINY_MODEL, "max_steps": 12, "batch_size": 8, "evaluate": False, "compile": False, "eval_every": 5,
+                "checkpoint_every": 5, "snapshot_every": 11, "hard_batch_prob": 0.5, "category_loss_weight": 1.0}
+    make = lambda name, **kw: ClipTrainConfig(world=str(worlds["train"]), val_world=str(worlds["val"]),  # noqa: E731
+                                              out=str(tmp_path / name), **{**settings, **kw})
+    whole = train_clip(make("whole"), say=lambda msg: None)
+    assert not (whole.out / "checkpoint").exists()
+
+    real = _Trainer.step
+
+    def stop_at_12th_step(self, batch):  # 64 images / 8: the 12th step is mid-epoch 2, the checkpoint at 10 too
+        if self.steps_done == 11:
+            raise RuntimeError("killed")
+        return real(self, batch)
+
+    monkeypatch.setattr(_Trainer, "step", stop_at_12th_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_clip(make("stopped"), say=lambda msg: None)
+    monkeypatch.setattr(_Trainer, "step", real)
+    out = tmp_path / "stopped"
+    assert (out / "checkpoint" / "state.pt").is_file() and (out / "snapshots" / "step-11").is_dir()
+    said: list[str] = []
+    assert resumable(type("R", (), {"say": said.append})(), out, make("stopped", threads=2)) is True
+    assert resumable(type("R", (), {"say": said.append})(), out, make("stopped", lr=1e-3)) is False and "lr" in said[-1]
+    with pytest.raises(ClipConfigError, match=r"other settings \(lr\)"):
+        train_clip(make("stopped", lr=1e-3), say=lambda msg: None, resume=True)
+    messages: list[str] = []
+    resumed = train_clip(make("stopped", log_every=2), say=messages.append, resume=True)
+    assert any(m.startswith("resuming") and m.endswith("at step 10/12") for m in messages), messages[:2]
+    assert not (out / "checkpoint").exists()
+    assert resumed.losses == whole.losses and resumed.val_losses == whole.val_losses == [(5, resumed.val_losses[0][1]),
+                                                                                          (10, resumed.val_losses[1][1]),
+                                                                                          (12, resumed.val_losses[2][1])]
+    a, b = load_file(whole.out / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    snap_a = load_file(whole.out / "snapshots" / "step-11" / "model.safetensors")
+    snap_b = load_file(out / "snapshots" / "step-11" / "model.safetensors")
+    assert all(torch.equal(snap_a[k], snap_b[k]) for k in snap_a)
+    steps = lambda run: [(r["step"], r.get("loss"), r.get("val_loss")) for r in  # noqa: E731
+                         map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    logged = steps(out)
+    assert [s for s in logged if s[0] <= 10] == steps(whole.out)[:len([s for s in logged if s[0] <= 10])]
+    assert [s[0] for s in logged if s[0] > 10] == [12, 12]  # the stopped run's line of step 11 is gone; log_every 2
+
+
+def test_resume_needs_a_checkpoint(worlds, tmp_path, capsys):
+    code = clip_cli.main(["--world", str(worlds["train"]), "--out", str(tmp_path / "none"), "--resume"])
+    assert code == 1 and "no checkpoint to resume from" in capsys.readouterr().err
+    assert clip_cli.main(["--eval", "--resume", "--model", "m", "--world", str(worlds["val"])]) == 1
+    assert "--resume goes with training" in capsys.readouterr().err
+    with pytest.raises(ClipConfigError, match="checkpoint_every"):
+        ClipTrainConfig(world="w", out="o", checkpoint_every=-1)
+
+
 def test_missing_world_is_a_clear_error(tmp_path, capsys):
     code = clip_cli.main(["--world", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert code == 1

@@ -2,9 +2,10 @@
 
 A reused run must be complete (config.json, model.safetensors, train_config.json written last by
 `llavakit train clip`) and its train_config.json must equal the recipe's encoder config (the
-ClipTrainConfig from `encoder.config` + `encoder.overrides`), paths and run-only settings (threads, compile, logging, evaluation) aside. While another process
+ClipTrainConfig from `encoder.config` + `encoder.overrides`), paths and run-only settings (threads, compile, logging, checkpointing, evaluation) aside. While another process
 is still writing it (its command line names the directory), the step waits up to
-`encoder.wait_hours` for it. Otherwise the recipe trains its own encoder into the step's dir.
+`encoder.wait_hours` for it. Otherwise the recipe trains its own encoder into the step's dir, resuming an
+interrupted one of the same settings from its checkpoint.
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ from pathlib import Path
 
 from llavakit.recipe.config import RecipeError
 
-PATH_KEYS = ("world", "out", "val_world")
-# Settings that do not change the trained weights' recipe: where and how fast it ran, what was logged and evaluated.
-RUN_KEYS = ("threads", "compile", "log_every", "eval_every", "val_images", "probe_fit_images", "probe_test_images",
-            "probe_seed", "evaluate")
 POLL_SECONDS = 60
 
 
@@ -72,7 +69,7 @@ def make_worlds(recipe) -> None:
 def weight_settings(train_config: dict) -> dict:
     """The ClipTrainConfig settings that decide an encoder's weights (paths and run-only keys aside), defaults
     filled in: what the package manifest records and a checkout's `encoder.config` + `encoder.overrides` must match."""
-    from llavakit.train.clip import ClipTrainConfig
+    from llavakit.train.clip import PATH_KEYS, RUN_KEYS, ClipTrainConfig
 
     full = ClipTrainConfig.from_dict({"world": "-", "out": "-", **train_config}).to_dict()
     return {k: v for k, v in sorted(full.items()) if k not in PATH_KEYS + RUN_KEYS}
@@ -150,12 +147,33 @@ def train_own(recipe, path: Path, wanted) -> dict:
     from llavakit.train.clip import train_clip
 
     out = Path(wanted.out)
-    if out.exists():
-        shutil.rmtree(out)  # `llavakit train clip` has no checkpoints: an interrupted run starts again
-    make_worlds(recipe)
-    result = train_clip(wanted, say=recipe.say)
+    resume = resumable(recipe, out, wanted)
+    if out.exists() and not resume:
+        shutil.rmtree(out)  # stopped before its first checkpoint, or under other settings: start again
+    make_worlds(recipe)  # seeded: a resumed run trains on the same scenes
+    result = train_clip(wanted, say=recipe.say, resume=resume)
     return {"path": str(out.resolve()), "reused": False, "train_config": wanted.to_dict(), "steps": result.steps,
             "seconds": result.seconds, "eval": _eval_summary(out), "identity": sha256_file(out / "model.safetensors")}
+
+
+def resumable(recipe, out: Path, wanted) -> bool:
+    """Whether `out` holds an interrupted run of `wanted` that can go on from its checkpoint."""
+    from llavakit.fsutil import restore_dir
+    from llavakit.train.clip import CHECKPOINT_DIR, CONFIG_FILE, STATE_FILE, resume_diff
+
+    ckpt = out / CHECKPOINT_DIR
+    restore_dir(ckpt)  # a checkpoint swap the kill interrupted
+    if not (ckpt / STATE_FILE).is_file() or not (ckpt / CONFIG_FILE).is_file():
+        return False
+    try:
+        diff = resume_diff(json.loads((ckpt / CONFIG_FILE).read_text(encoding="utf-8")), wanted)
+    except (ValueError, TypeError) as exc:  # a torn or foreign config
+        diff = [str(exc)]
+    if diff:
+        recipe.say(f"encoder: {out} holds an unfinished run with other settings ({', '.join(diff)}); starting again")
+        return False
+    recipe.say(f"encoder: resuming the unfinished run in {out}")
+    return True
 
 
 def _eval_summary(path: Path) -> dict | None:

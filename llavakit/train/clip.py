@@ -8,6 +8,11 @@ a standard HF CLIP checkpoint (config + safetensors + `CLIPImageProcessorPil` + 
 would load OpenAI's. Alongside: train_config.json, metrics.jsonl, loss.png and (with a val world)
 eval.json from `clip_eval.evaluate`.
 
+Resuming: every `checkpoint_every` steps `checkpoint/` under `out` holds what the loop needs to go on
+(model, auxiliary heads, optimiser, schedule, random-number states, the rest of the epoch's batch order,
+the losses so far); `train_clip(cfg, resume=True)` (`--resume`) continues from it and ends with the same
+weights as a run that was never stopped. The finished run deletes it.
+
 Augmentation: none on pixels, on purpose. Captions name colours, left/right and the 3x3 position
 of objects, and count them, so flips, crops, colour jitter and shifts could each make a caption
 false; the world is cheap to generate, so fresh images do the job augmentation would. The text
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +33,13 @@ from typing import Any
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+PATH_KEYS = ("world", "out", "val_world")
+RUN_KEYS = ("threads", "compile", "log_every", "eval_every", "val_images", "probe_fit_images", "probe_test_images",
+            "probe_seed", "evaluate", "checkpoint_every")
+"""Settings that do not change the trained weights: how fast the run went, what it logged, checkpointed and
+evaluated. A resumed run may change them (and the recipe's encoder step ignores them when it compares runs)."""
 
 
 PATCH_INITS = ("random", "pca", "luma")  # ClipTrainConfig.patch_init; pca, luma: llavakit/train/clip_init.py
@@ -131,6 +144,9 @@ class ClipTrainConfig:
     """Steps between snapshots: the HF CLIP checkpoint (with tokenizer and image processor) written to
     `snapshots/step-N/` under `out`, loadable and evaluable like the final one (`llavakit train clip --eval`)
     while a long run goes on. Weights only: a run cannot resume from a snapshot. 0: none."""
+    checkpoint_every: int = 250
+    """Steps between resumable checkpoints: `checkpoint/` under `out` (replaced each time, deleted when the run
+    ends), which `--resume` continues from. 0: none."""
     val_images: int = 500
     """Images of val_world used for validation loss and retrieval recall."""
     probe_fit_images: int = 2000
@@ -165,7 +181,8 @@ class ClipTrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ClipConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "snapshot_every", "seed", "probe_fit_images", "probe_seed"):
+        for name in ("warmup_steps", "eval_every", "snapshot_every", "checkpoint_every", "seed", "probe_fit_images",
+                     "probe_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ClipConfigError(f"{name} must be a non-negative integer, got {value!r}")
@@ -453,6 +470,9 @@ class _Trainer:
         self.aux_losses: dict[str, list[float]] = {name: [] for name, _, _ in self.aux}
         self.val_losses: list[tuple[int, float]] = []
         self.metrics = out / METRICS_FILE
+        self.steps_done = 0
+        self.pending: list = []  # the current epoch's batches not yet trained on (index tensors [B])
+        self.earlier_seconds = 0.0  # training time before a resume
         self.start = time.perf_counter()
 
     def step(self, batch: dict) -> float:
@@ -489,21 +509,23 @@ class _Trainer:
         return {**batch_inputs(self.train, idx, None, self.gen), "images": idx}
 
     def run(self) -> None:
-        step = 0
-        while step < self.total:
-            for idx in epoch_batches(len(self.train), self.cfg.batch_size, self.gen):
-                self.losses.append(self.step(self.next_batch(idx)))
-                step += 1
-                self.after_step(step, step * self.cfg.batch_size / len(self.train))
-                if step >= self.total:
-                    break
+        while self.steps_done < self.total:
+            if not self.pending:
+                self.pending = epoch_batches(len(self.train), self.cfg.batch_size, self.gen)
+            self.losses.append(self.step(self.next_batch(self.pending.pop(0))))
+            self.steps_done += 1
+            self.after_step(self.steps_done, self.steps_done * self.cfg.batch_size / len(self.train))
+        step = self.steps_done
         if self.val is not None and (not self.val_losses or self.val_losses[-1][0] != step):
             self.validate(step)
+
+    def elapsed(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.start
 
     def after_step(self, step: int, epoch: float) -> None:
         cfg = self.cfg
         if step % cfg.log_every == 0 or step == self.total or step == 1:
-            elapsed = time.perf_counter() - self.start
+            elapsed = self.elapsed()
             recent = self.losses[-cfg.log_every :]
             record = {"step": step, "epoch": round(epoch, 3), "loss": sum(recent) / len(recent),
                       "lr": self.sched.get_last_lr()[0], "logit_scale": self.model.logit_scale.exp().item(),
@@ -520,11 +542,54 @@ class _Trainer:
             self.validate(step)
         if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < self.total:
             self.snapshot(step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < self.total:
+            self.save_state(step)
+
+    def state(self) -> dict:
+        """Everything the loop needs to go on from here as if it had never stopped (tensors and plain data)."""
+        return {"step": self.steps_done, "model": self.model.state_dict(),
+                "aux": [p.detach().clone() for p in self.aux_params], "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "generator": self.gen.get_state(),
+                "hard_generator": self.hard.gen.get_state() if self.hard is not None else None,
+                "pending": list(self.pending), "losses": list(self.losses),
+                "aux_losses": {k: list(v) for k, v in self.aux_losses.items()},
+                "val_losses": [[s, v] for s, v in self.val_losses], "seconds": self.elapsed()}
+
+    def save_state(self, step: int) -> None:
+        """checkpoint/: the state and the run's config, written beside and swapped in whole."""
+        import torch
+
+        from llavakit.fsutil import swap_dir
+
+        tmp = self.out / f".tmp-{CHECKPOINT_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save(self.state(), tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        swap_dir(tmp, self.out / CHECKPOINT_DIR)
+        self.say(f"step {step} checkpoint -> {self.out / CHECKPOINT_DIR}")
+
+    def load_state(self, state: dict) -> None:
+        import torch
+
+        self.model.load_state_dict(state["model"])
+        if len(state["aux"]) != len(self.aux_params):
+            raise ClipConfigError(f"checkpoint has {len(state['aux'])} auxiliary-head tensors, the run {len(self.aux_params)}")
+        with torch.no_grad():
+            for param, saved in zip(self.aux_params, state["aux"]):
+                param.copy_(saved)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["generator"])
+        if self.hard is not None:
+            self.hard.gen.set_state(state["hard_generator"])
+        self.steps_done, self.pending, self.losses = state["step"], list(state["pending"]), list(state["losses"])
+        self.aux_losses = {k: list(v) for k, v in state["aux_losses"].items()}
+        self.val_losses = [(int(s), float(v)) for s, v in state["val_losses"]]
+        self.earlier_seconds = float(state["seconds"])
 
     def snapshot(self, step: int) -> None:
         """snapshots/step-N: the model as it is now, written beside and renamed into place when complete."""
-        import shutil
-
         final = self.out / "snapshots" / f"step-{step}"
         tmp = final.with_name(f".tmp-{final.name}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -575,17 +640,58 @@ def save_checkpoint(model, cfg: ClipTrainConfig, out: Path) -> None:
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
-def train_clip(cfg: ClipTrainConfig, say=None) -> ClipTrainResult:
-    """Train, save and (with a val world) evaluate an encoder; see the module docstring."""
+def train_clip(cfg: ClipTrainConfig, say=None, resume: bool = False) -> ClipTrainResult:
+    """Train, save and (with a val world) evaluate an encoder; see the module docstring. resume: go on from
+    the checkpoint of an interrupted run in cfg.out (saved with the same settings, RUN_KEYS aside)."""
     import torch
 
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, say)
+        return _train(cfg, say, resume)
     finally:
         torch.set_num_threads(threads)
+
+
+def resume_diff(saved: dict[str, Any], cfg: ClipTrainConfig) -> list[str]:
+    """Keys where a checkpoint's recorded config and `cfg` differ, leaving out what a resumed run may change."""
+    free = set(RUN_KEYS) | {"snapshot_every"}
+    before, now = ClipTrainConfig.from_dict(saved).to_dict(), cfg.to_dict()
+    for data in (before, now):
+        for key in PATH_KEYS:
+            data[key] = str(Path(data[key]).resolve()) if data[key] else None
+    return sorted(k for k in set(before) | set(now) if k not in free and before.get(k) != now.get(k))
+
+
+def read_state(cfg: ClipTrainConfig) -> dict:
+    """The state saved in cfg.out's checkpoint/, after checking that it was saved with cfg's settings."""
+    import torch
+
+    from llavakit.fsutil import restore_dir
+
+    ckpt = Path(cfg.out) / CHECKPOINT_DIR
+    restore_dir(ckpt)  # a swap the kill interrupted
+    if not (ckpt / STATE_FILE).is_file() or not (ckpt / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from (the run stopped before its first one, "
+                                "or checkpoint_every was 0); train afresh into an empty --out")
+    diff = resume_diff(json.loads((ckpt / CONFIG_FILE).read_text(encoding="utf-8")), cfg)
+    if diff:
+        raise ClipConfigError(f"{ckpt} was saved with other settings ({', '.join(diff)}); resume with the same ones "
+                              f"(only {', '.join(RUN_KEYS)} and snapshot_every may change)")
+    return torch.load(ckpt / STATE_FILE, weights_only=True)
+
+
+def trim_after(out: Path, step: int) -> None:
+    """What a stopped run wrote after its checkpoint at `step`: metrics lines and snapshots the resumed run redoes."""
+    metrics = out / METRICS_FILE
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= step]
+        metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    for snap in (out / "snapshots").glob("*") if (out / "snapshots").is_dir() else []:
+        later = snap.name.startswith("step-") and snap.name[5:].isdigit() and int(snap.name[5:]) > step
+        if later or snap.name.startswith(".tmp-"):
+            shutil.rmtree(snap)
 
 
 def hard_sampler(cfg: ClipTrainConfig, train, tokenizer):
@@ -600,7 +706,17 @@ def hard_sampler(cfg: ClipTrainConfig, train, tokenizer):
     return HardBatchSampler(objects, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1))
 
 
-def _train(cfg: ClipTrainConfig, say) -> ClipTrainResult:
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line torn by the kill counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _train(cfg: ClipTrainConfig, say, resume: bool) -> ClipTrainResult:
+    from transformers import CLIPTokenizer
+
     from llavakit.train.clip_data import build_tokenizer, load_world
     from llavakit.world import load_scenes
 
@@ -609,8 +725,9 @@ def _train(cfg: ClipTrainConfig, say) -> ClipTrainResult:
     scenes = load_scenes(cfg.world)
     if len(scenes) < cfg.batch_size:
         raise ClipConfigError(f"batch_size ({cfg.batch_size}) is larger than the training world ({len(scenes)} images)")
-    out = prepare_out(cfg.out)
-    tokenizer = build_tokenizer(scenes, cfg.vocab_size, out)
+    state = read_state(cfg) if resume else None
+    out = Path(cfg.out) if resume else prepare_out(cfg.out)
+    tokenizer = CLIPTokenizer.from_pretrained(out) if resume else build_tokenizer(scenes, cfg.vocab_size, out)
     train = load_world(cfg.world, tokenizer, cfg.image_size, cfg.max_text_len, workers=cfg.threads)
     val = None
     if cfg.val_world:
@@ -618,12 +735,18 @@ def _train(cfg: ClipTrainConfig, say) -> ClipTrainResult:
     say(f"loaded {len(train)} train / {len(val) if val else 0} val images, vocab {len(tokenizer)} "
         f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
     model = build_model(cfg, tokenizer)
-    init_patch_embedding(cfg, model, train.pixels)
+    if state is None:
+        init_patch_embedding(cfg, model, train.pixels)
     trainer = _Trainer(cfg, out, train, val, model, say, tokenizer, hard_sampler(cfg, train, tokenizer))
+    if state is not None:
+        trainer.load_state(state)
+        trim_after(out, trainer.steps_done)
+        say(f"resuming {out} at step {trainer.steps_done}/{trainer.total}")
     trainer.run()
-    seconds = time.perf_counter() - t0
+    seconds = trainer.earlier_seconds + time.perf_counter() - t0
     model.eval()
     save_checkpoint(model, cfg, out)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the run is whole: nothing left to resume
     plot_losses(out / LOSS_PNG, trainer.losses, trainer.val_losses)
     result = ClipTrainResult(out, trainer.total, trainer.losses, seconds, count_params(model), None, trainer.val_losses)
     if cfg.val_world and cfg.evaluate:

@@ -1,6 +1,6 @@
 """`llavakit train clip`: stage-0 encoder pretraining and its evaluation.
 
-    llavakit train clip --world TRAIN_DIR --val-world VAL_DIR --out DIR [--config configs/clip-world.yaml] [KEY=VALUE ...]
+    llavakit train clip --world TRAIN_DIR --val-world VAL_DIR --out DIR [--config configs/clip-world.yaml] [--resume] [KEY=VALUE ...]
     llavakit train clip --eval --model DIR --world VAL_DIR [--out DIR] [--random-init] [KEY=VALUE ...]
 
 Training settings come from the dataclass defaults, then --config, then the flags, then KEY=VALUE
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-world", metavar="DIR", help="held-out world for validation loss, recall and probe settings")
     p.add_argument("--out", metavar="DIR", help="output dir (train: the checkpoint; --eval: where eval.json goes)")
     p.add_argument("--config", metavar="YAML", help="recipe file of ClipTrainConfig keys (e.g. configs/clip-world.yaml)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the interrupted run in --out from its checkpoint/ (same settings; threads, compile, "
+                        "logging, checkpoint and evaluation settings may change)")
     p.add_argument("--eval", action="store_true", help="evaluate --model on --world instead of training")
     p.add_argument("--model", metavar="DIR", help="checkpoint to evaluate (with --eval)")
     p.add_argument("--random-init", action="store_true",
@@ -109,6 +112,8 @@ def faster_malloc() -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from llavakit.train.clip_eval import evaluate, format_report
 
+    if args.resume:
+        raise ValueError("--resume goes with training, not --eval")
     cfg = eval_config(args)
     report = evaluate(cfg.model, cfg)
     print(format_report(report))
@@ -121,7 +126,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.model or args.random_init or args.probe_dir:
         raise ValueError("--model, --random-init and --probe-dir go with --eval")
     cfg = train_config(args)
-    result = train_clip(cfg)
+    result = train_clip(cfg, resume=args.resume)
     print(f"wrote {result.out}: {result.steps} steps in {result.seconds / 60:.1f} min, "
           f"final loss {sum(result.losses[-10:]) / len(result.losses[-10:]):.4f}")  # fmt: skip
     return 0
