@@ -359,6 +359,29 @@ def test_kv_reuse_gives_full_recompute_tokens_at_turn_3(pipe):
     assert full.text == reuse.messages[-1]["content"]
 
 
+def test_a_bad_image_leaves_the_conversation_as_it_was(pipe, image_files):
+    """add_image rejects what is not an image (and loads a path); an image edited into the history that is not one
+    fails the turn before it starts: no dangling user message, and the next turn works."""
+    from llavakit.data.images import ImageError
+    from llavakit.infer.prompt import PromptError
+
+    s = pipe.session()
+    with pytest.raises(TypeError, match="not a bytes"):
+        s.add_image(b"\x89PNG")
+    with pytest.raises(ImageError, match="broken"):
+        s.add_image(image_files / "broken.png")
+    assert s.pending == []
+    s.add_image(image_files / "red.png")
+    s.ask("What is this?", GREEDY12)
+    history = [dict(m) for m in s.messages]
+    s.images[0] = str(image_files / "red.png")
+    with pytest.raises(PromptError, match="image 0 is a str"):
+        s.send("And now?", GREEDY12)
+    assert s.messages == history
+    s.images[0] = RED
+    assert isinstance(s.ask("And now?", GREEDY12), str) and len(s.messages) == len(history) + 2
+
+
 def test_kv_reuse_recomputes_from_the_first_difference(pipe):
     reuse, fresh = pipe.session(), pipe.session(reuse_kv=False)
     for s in (reuse, fresh):

@@ -179,11 +179,26 @@ TEXT = {"type": "text", "text": "What is this?"}
     ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
     ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404, "model 'other' not found"),
+    ({**_user(TEXT), "seed": 2**64}, 400, "seed"),
+    ({**_user(TEXT), "temperature": 1e-9}, 400, "temperature must be 0 (greedy) or in [1e-06, 100]"),
+    ({**_user(TEXT), "min_tokens": 9}, 400, "min_tokens (9) is more than max_tokens (4)"),
+    ({**_user(TEXT), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop: at most 4 strings"),
+    (_user(_img("red\x00.png"), TEXT), 400, "messages[0].content[0].image_url: cannot read image file"),
 ])
 def test_bad_requests_get_clear_4xx(server, body, status, needle):
     r = _post(server, body)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
+
+
+def test_error_param_names_the_field_and_developer_is_system(server, ref):
+    assert _post(server, {**_user(TEXT), "temperature": 1e-9}).json()["error"]["param"] == "temperature"
+    assert _post(server, {**_user(TEXT), "min_tokens": 9}).json()["error"]["param"] == "min_tokens"
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    r = _post(server, {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0})
+    want = ref.complete([([], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])],
+                        ref_params(6))[0].text
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
 
 
 def test_bad_body_auth_and_size(server):
@@ -272,6 +287,28 @@ def test_client_disconnect_cancels_its_row(tiny_model_dir, ref):
             time.sleep(0.05)
         health = httpx.get(url + "/health").json()
     assert health["cancelled"] == 1 and health["generated_tokens"] < 300
+
+
+def test_client_leaving_a_non_streaming_request_cancels_its_row(tiny_model_dir):
+    """uvicorn tells only streaming responses of a disconnect: the handler polls, so the row stops decoding."""
+    pipe = load_pipeline(tiny_model_dir, model_id="tiny")
+    gated = GatedEngine(pipe.engine)
+    pipe.engine = gated
+    body = ('{"model": "tiny", "messages": [{"role": "user", "content": "Tell me everything."}], '
+            '"max_tokens": 300, "temperature": 0}').encode()
+    with running(create_app(pipe)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert gated.entered.wait(30)  # the worker holds the request; now hang up
+        time.sleep(1.0)  # the handler's poll (every 0.25 s) sees the disconnect
+        gated.gate.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").json()["batches"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(url + "/health").json()
+    assert health["cancelled"] == 1 and health["generated_tokens"] < 300, health
 
 
 class _ImageHandler(BaseHTTPRequestHandler):

@@ -203,3 +203,17 @@ def test_tokenizer_template_without_chat_template_errors(tiny_parts):
 def test_parse_record_keeps_order():
     conv = parse_record(TWO_IMAGES)
     assert conv.images == ["a.png", "b.png"] and [m["role"] for m in conv.messages] == ["user", "assistant"]
+
+
+def test_a_template_that_refuses_the_messages_raises_a_clear_error():
+    """Tokenizers' chat templates call raise_exception(...) (as transformers provides it) to reject a conversation."""
+    from types import SimpleNamespace
+
+    from llavakit.data.render import TemplateRefused, render_text
+
+    template = SimpleNamespace(jinja=lambda _: "{% if messages[0]['role'] != 'user' %}"
+                                               "{{ raise_exception('Conversation roles must alternate') }}{% endif %}ok")
+    tokenizer = SimpleNamespace(chat_template=None, bos_token="", eos_token="")
+    assert render_text(template, tokenizer, [{"role": "user", "content": "hi"}], True) == "ok"
+    with pytest.raises(TemplateRefused, match="refused the messages: Conversation roles must alternate"):
+        render_text(template, tokenizer, [{"role": "assistant", "content": "hi"}], True)

@@ -51,12 +51,22 @@ class RenderedSample:
     truncated: bool = False
 
 
+class TemplateRefused(ValueError):
+    """A chat template refused the messages (its `raise_exception(...)`, e.g. "roles must alternate")."""
+
+
+def _refuse(message: str):
+    raise TemplateRefused(f"the chat template refused the messages: {message}")
+
+
 @lru_cache(maxsize=32)
 def _compiled(source: str):
-    # Jinja2 is what transformers itself uses for chat templates; same sandbox, same semantics.
+    # Jinja2 is what transformers itself uses for chat templates; same sandbox, same semantics, and the same
+    # `raise_exception` that tokenizers' templates call to reject a conversation.
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _refuse
     return env.from_string(source)
 
 

@@ -130,6 +130,7 @@ class Pipeline:
             return None
         from llavakit.data.images import to_rgb
 
+        _check_images(images)
         rgb = [to_rgb(im, f"image {i}") for i, im in enumerate(images)]
         return self.lm.image_processor(rgb, return_tensors="pt")["pixel_values"]  # [N, 3, H, W]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llavakit.data.records import Conversation
-from llavakit.data.render import prepare_messages, render_text
+from llavakit.data.render import TemplateRefused, prepare_messages, render_text
 from llavakit.data.templates import IMAGE_TOKEN
 
 ROLES = ("system", "user", "assistant")
@@ -58,9 +58,16 @@ def check_messages(messages: list[dict], n_images: int) -> None:
 
 def render_ids(lm, messages: list[dict], n_images: int, add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` (markers expanded), rendered with the model's template."""
+    from jinja2 import TemplateError
+
     conv = Conversation(id="", messages=messages, images=[""] * n_images)
     expanded = prepare_messages(conv, lm.template, lm.image_seq_length)
-    text = render_text(lm.template, lm.tokenizer, expanded, add_generation_prompt)
+    try:
+        text = render_text(lm.template, lm.tokenizer, expanded, add_generation_prompt)
+    except TemplateRefused as exc:
+        raise PromptError(str(exc)) from None
+    except TemplateError as exc:  # a template that fails on these messages (e.g. an undefined field)
+        raise PromptError(f"the chat template failed on the messages: {type(exc).__name__}: {exc}") from None
     return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -54,7 +54,19 @@ class ChatSession:
         self._cached_images: list = []
 
     def add_image(self, image) -> None:
-        """Attach an image (PIL) to the next user message."""
+        """Attach an image (a PIL image, or a file path: loaded at once) to the next user message.
+
+        A bad image raises here (`ImageError` naming the file, TypeError for anything else) and is not attached."""
+        from pathlib import Path
+
+        from PIL import Image
+
+        from llavakit.data.images import load_image
+
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        elif not isinstance(image, Image.Image):
+            raise TypeError(f"add_image takes a PIL image or a file path, not a {type(image).__name__}")
         self.pending.append(image)
 
     def ask(self, text: str, params: SamplingParams | None = None) -> str:
@@ -73,11 +85,11 @@ class ChatSession:
         messages = [*self.messages, {"role": "user", "content": content}]
         images = [*self.images, *self.pending]
         prompt = build_prompt(self.pipeline.lm, messages, images, self.pipeline.max_positions)  # raises here, eagerly
-        return self._turn(prompt, messages, params or SamplingParams())
+        row = self._start(prompt, params or SamplingParams())  # so do bad pixels; the conversation is not touched yet
+        return self._turn(prompt, messages, row)
 
-    def _turn(self, prompt, messages: list[dict], params: SamplingParams) -> Iterator[str]:
-        self.messages, self.images, self.pending = messages, list(prompt.images), []
-        row = self._start(prompt, params)
+    def _turn(self, prompt, messages: list[dict], row: Row) -> Iterator[str]:
+        self.messages, self.images, self.pending = messages, list(prompt.images), []  # the turn starts
         try:
             for events in self.pipeline.engine.run([row], cache=self._cache, past_len=self.stats.reused_tokens):
                 if events[0].text:

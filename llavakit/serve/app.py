@@ -7,8 +7,10 @@ model runs on one worker thread (`worker.py`) that batches concurrent requests.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -81,7 +83,9 @@ def _error_handlers(app) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
-        body = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").body()
+        logging.getLogger("llavakit.serve").error("internal error on %s", request.url.path, exc_info=exc)
+        body = APIError(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                        type_="server_error").body()  # not the exception text: it may hold paths or data
         return JSONResponse(body, status_code=500)
 
 
@@ -99,7 +103,8 @@ def _routes(app, pipeline, config: ServeConfig, worker: BatchWorker) -> None:
         s = worker.stats
         return {"status": "ok", "model": pipeline.model_id, "queued": worker.queued, "max_queue": config.max_queue,
                 "batches": s.batches, "requests": s.requests, "max_batch_seen": s.max_batch_seen,
-                "batch_sizes": s.batch_sizes, "generated_tokens": s.tokens, "cancelled": s.cancelled}
+                "batch_sizes": s.batch_sizes, "generated_tokens": s.tokens, "cancelled": s.cancelled,
+                "busy_seconds": round(s.busy_seconds, 3)}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -114,14 +119,20 @@ def _routes(app, pipeline, config: ServeConfig, worker: BatchWorker) -> None:
         if req.model != pipeline.model_id:
             raise APIError(404, f"model {req.model!r} not found; this server serves {pipeline.model_id!r}",
                            param="model", code="model_not_found")
+        if worker.queued >= config.max_queue:  # before fetching and decoding images for nothing
+            raise _queue_full(f"the request queue is full ({config.max_queue} waiting); retry later")
         job = await make_job(req, pipeline, config)
         try:
             worker.submit(job)
-        except QueueFullError as exc:
-            raise APIError(503, str(exc), code="queue_full", type_="server_error", headers={"Retry-After": "1"}) from None
+        except QueueFullError as exc:  # filled up while this request's images were read
+            raise _queue_full(str(exc)) from None
         if req.stream:
             return _stream_response(req, job, pipeline.model_id, worker)
-        return await _full_response(job, pipeline.model_id, worker)
+        return await _full_response(request, job, pipeline.model_id, worker)
+
+
+def _queue_full(message: str) -> APIError:
+    return APIError(503, message, code="queue_full", type_="server_error", headers={"Retry-After": "1"})
 
 
 def check_auth(request, config: ServeConfig) -> None:
@@ -160,11 +171,17 @@ def sampling_params(req: ChatRequest, prompt_tokens: int, max_positions: int, de
                             f"{max_positions}; ask for at most {room}", param="max_tokens", code="context_length_exceeded")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     temperature = 1.0 if req.temperature is None else req.temperature
+    max_new = asked or min(default_max_tokens, room)
+    if (req.min_tokens or 0) > max_new:
+        raise APIError(400, f"min_tokens ({req.min_tokens}) is more than max_tokens ({max_new})", param="min_tokens")
     try:
-        return SamplingParams(asked or min(default_max_tokens, room), temperature, req.top_p or 1.0, req.top_k or 0,
-                              req.seed, stop, req.min_tokens or 0)
-    except ValueError as exc:
-        raise APIError(400, str(exc)) from None
+        return SamplingParams(max_new, temperature, req.top_p or 1.0, req.top_k or 0, req.seed, stop, req.min_tokens or 0)
+    except ValueError as exc:  # SamplingParams' messages start with the field's name, the API's for these
+        field_name = str(exc).split(" ", 1)[0]
+        raise APIError(400, str(exc), param=field_name if field_name in SAMPLING_FIELDS else None) from None
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop")
 
 
 async def make_job(req: ChatRequest, pipeline, config: ServeConfig) -> Job:
@@ -197,16 +214,30 @@ def _build_job(req: ChatRequest, messages: list[dict], blobs: list, pipeline, co
     return Job(pipeline.row(prompt, params), len(prompt.ids))
 
 
-async def _full_response(job: Job, model_id: str, worker: BatchWorker):
+async def _full_response(request, job: Job, model_id: str, worker: BatchWorker):
     from fastapi.responses import JSONResponse
 
     text, finish = [], "stop"
-    async for piece, end in worker.results(job):
-        text.append(piece)
-        finish = end or finish
+    watch = asyncio.create_task(_cancel_when_gone(request, job))
+    try:
+        async for piece, end in worker.results(job):
+            text.append(piece)
+            finish = end or finish
+    finally:
+        watch.cancel()
     body = completion_body(completion_id(), model_id, "".join(text), _finish(finish), job.prompt_tokens,
                            len(job.row.generated))
     return JSONResponse(body)
+
+
+async def _cancel_when_gone(request, job: Job, every_s: float = 0.25) -> None:
+    """Cancel `job` once its client disconnects: uvicorn tells only streaming responses (they write), so a
+    non-streaming one polls; the row then leaves its batch at the next decode step."""
+    while not job.cancelled.is_set():
+        if await request.is_disconnected():
+            job.cancelled.set()
+            return
+        await asyncio.sleep(every_s)
 
 
 def _finish(reason: str) -> str:

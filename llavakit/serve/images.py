@@ -88,15 +88,23 @@ def read_local(url: str, where: str, sources: ImageSources) -> tuple[bytes, str]
     if sources.local_dir is None:
         raise ImageURLError(f"{where}: local image paths are disabled (start the server with --local-images-dir DIR)")
     raw = unquote(urlparse(url).path) if url.startswith("file://") else url
-    root = sources.local_dir.resolve()
+    try:
+        return _read_inside(sources.local_dir.resolve(), raw, where, sources.max_bytes), raw
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, no permission, ...
+        if isinstance(exc, ImageURLError):
+            raise
+        raise ImageURLError(f"{where}: cannot read image file {raw!r}: {exc}") from None
+
+
+def _read_inside(root: Path, raw: str, where: str, max_bytes: int) -> bytes:
     path = (root / raw).resolve()
     if not path.is_relative_to(root):
         raise ImageURLError(f"{where}: {raw!r} is outside the allowed image dir")
     if not path.is_file():
         raise ImageURLError(f"{where}: image file {raw!r} not found")
-    if path.stat().st_size > sources.max_bytes:
-        raise ImageURLError(f"{where}: {raw!r} is larger than the limit of {sources.max_bytes} bytes")
-    return path.read_bytes(), raw
+    if path.stat().st_size > max_bytes:
+        raise ImageURLError(f"{where}: {raw!r} is larger than the limit of {max_bytes} bytes")
+    return path.read_bytes()
 
 
 async def fetch_remote(url: str, where: str, sources: ImageSources) -> bytes:

@@ -37,7 +37,8 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
+    """`developer` is OpenAI's newer name for `system` (and is treated as one)."""
     content: str | list[ContentPart] | None = None
 
 
@@ -45,8 +46,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_STOP = 4
+"""Stop strings per request (OpenAI's limit; each is checked after every token)."""
+MAX_STOP_CHARS = 256
+
+
 class ChatRequest(BaseModel):
-    """The fields llavakit honours; other OpenAI fields are accepted and ignored."""
+    """The fields llavakit honours; other OpenAI fields (tools, response_format, logprobs, penalties, ...) are
+    accepted and ignored (docs/inference.md lists them)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -59,7 +66,7 @@ class ChatRequest(BaseModel):
     min_tokens: int | None = Field(default=None, ge=0)
     """Extension (as in vLLM): no EOS before this many tokens."""
     n: int = Field(default=1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -72,6 +79,9 @@ def parse_request(data: object) -> ChatRequest:
         raise APIError(400, "invalid request: " + _describe(exc)) from None
     if req.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stops) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop: at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters", param="stop")
     return req
 
 
@@ -88,9 +98,10 @@ def to_messages(req: ChatRequest) -> tuple[list[dict], list[tuple[str, str]]]:
     messages, images = [], []
     for i, m in enumerate(req.messages):
         content = m.content if m.content is not None else ""
+        role = "system" if m.role == "developer" else m.role
         if isinstance(content, str):
             _no_marker(content, f"messages[{i}].content")
-            messages.append({"role": m.role, "content": content})
+            messages.append({"role": role, "content": content})
             continue
         text = []
         for j, part in enumerate(content):
@@ -101,14 +112,14 @@ def to_messages(req: ChatRequest) -> tuple[list[dict], list[tuple[str, str]]]:
                 _no_marker(part.text, where)
                 text.append(part.text)
             else:
-                if m.role != "user":
+                if role != "user":
                     raise APIError(400, f"{where}: images may only be sent in user messages", param=where)
                 if part.image_url is None:
                     raise APIError(400, f"{where}: an image_url part needs 'image_url'", param=where)
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
                 images.append((url, f"{where}.image_url"))
                 text.append(f"{IMAGE_TOKEN}\n")  # as the template renders list content: '<image>\n' per image
-        messages.append({"role": m.role, "content": "".join(text)})
+        messages.append({"role": role, "content": "".join(text)})
     return messages, images
 
 
