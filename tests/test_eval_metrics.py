@@ -71,8 +71,17 @@ def test_vqa_accuracy_leave_one_out(matching, expected):
     assert vqa_accuracy("two", answers) == pytest.approx(expected)
 
 
-def test_vqa_accuracy_two_of_ten_is_point_six():
-    assert vqa_accuracy("Two.", ["two", "2", "3", "3", "3", "3", "3", "3", "3", "3"]) == pytest.approx(0.6)
+@pytest.mark.parametrize(("prediction", "answers", "expected"), [
+    ("Two.", ["two", "2"] + ["3"] * 8, 0.3),  # the answer becomes "2"; the annotators' "two" stays "two"
+    ("2", ["two"] * 10, 0.0),
+    ("t-shirt", ["t-shirt"] * 10, 0.0),  # "t shirt" after punctuation; ten equal answers are left as they are
+    ("t-shirt", ["t-shirt"] * 9 + ["shirt"], 1.0),  # not all equal: theirs lose the hyphen too
+    ("Yes", ["yes"] * 10, 1.0),
+])
+def test_vqa_accuracy_normalises_as_the_official_script(prediction, answers, expected):
+    """vqaEval.py: processPunctuation + processDigitArticle on the answer; on the annotators' answers only
+    processPunctuation, and only when they differ."""
+    assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,9 @@ Files (the official release): `DIR/*questions*.json` ({"data_subtype": "val2014"
 images at `DIR/<data_subtype>/COCO_<data_subtype>_<image_id:012d>.jpg`.
 
 Accuracy of one answer: for each of the 10 leave-one-annotator-out subsets of 9,
-min(#annotators in the subset who gave the answer / 3, 1); the mean over the 10 subsets.
-Answers and annotator answers both go through the official normalisation.
+min(#annotators in the subset who gave the answer / 3, 1); the mean over the 10 subsets. As the
+official script (vqaEval.py) does it: the answer goes through the whole VQA normalisation, the
+annotators' answers only through its punctuation step, and only when they are not all the same.
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ from llavakit.eval.common import (
     make_result,
     read_json,
 )
-from llavakit.eval.text import normalize_vqa
+from llavakit.eval.text import normalize_vqa, process_punctuation
 
 
 def vqa_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:
-    """The VQA accuracy (0..1) of `prediction` against the annotators' answers."""
+    """The official VQA accuracy (0..1) of `prediction` against the annotators' answers (module docstring): so
+    "2" scores 0 against ten "two"s, and "t-shirt" 0 against ten "t-shirt"s, as on the evaluation server."""
     if not annotator_answers:
         raise EvalError("VQA accuracy needs at least one annotator answer")
     pred = normalize_vqa(prediction)
-    gts = [normalize_vqa(a) for a in annotator_answers]
+    gts = list(annotator_answers)
+    if len(set(gts)) > 1:
+        gts = [process_punctuation(a) for a in gts]
     total = 0.0
     for left_out in range(len(gts)):
         matches = sum(1 for j, gt in enumerate(gts) if j != left_out and gt == pred)
