@@ -213,3 +213,66 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     argv = ["eval", "score", "--benchmark", "gqa", "--data", str(FIX / "gqa"), "--out", str(tmp_path / "none")]
     code, _, err = run_cli(argv, capsys)
     assert code == 1 and "answers file not found" in err
+
+
+def _copy_fixture(tmp_path, name: str) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(FIX / name, tmp_path / name))
+
+
+def test_bad_benchmark_files_name_the_file_and_question(tmp_path):
+    """A missing field, a file of the wrong shape or an impossible answer is an EvalError naming where it is."""
+    from llavakit.eval.registry import get_benchmark
+
+    gqa = _copy_fixture(tmp_path, "gqa")
+    qfile = gqa / "testdev_balanced_questions.json"
+    questions = json.loads(qfile.read_text())
+    first = next(iter(questions))
+    del questions[first]["answer"]  # as in GQA's test and challenge files
+    qfile.write_text(json.dumps(questions))
+    with pytest.raises(EvalError, match=rf"question '{first}': no 'answer' field \(GQA's test and challenge"):
+        get_benchmark("gqa").load(gqa)
+    qfile.write_text(json.dumps(list(questions.values())))
+    with pytest.raises(EvalError, match="expected an object of question id -> question, got a JSON list"):
+        get_benchmark("gqa").load(gqa)
+
+    pope = _copy_fixture(tmp_path, "pope")
+    rows = [json.loads(line) for line in (pope / "coco_pope_random.json").read_text().splitlines() if line.strip()]
+    (pope / "coco_pope_random.json").write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "label"})
+                                                          for r in rows))
+    with pytest.raises(EvalError, match=r"coco_pope_random.json:1 \(question .*\): no 'label' field \(a file of questions"):
+        get_benchmark("pope").load(pope)
+
+    sqa = _copy_fixture(tmp_path, "scienceqa")
+    problems = json.loads((sqa / "problems.json").read_text())
+    pid = json.loads((sqa / "pid_splits.json").read_text())["test"][0]
+    problems[pid]["answer"] = len(problems[pid]["choices"])
+    (sqa / "problems.json").write_text(json.dumps(problems))
+    with pytest.raises(EvalError, match=rf"problem '{pid}': answer {len(problems[pid]['choices'])} is not the index"):
+        get_benchmark("scienceqa").load(sqa)
+
+    vqa = _copy_fixture(tmp_path, "vqav2")
+    afile = vqa / "v2_mscoco_val2014_annotations.json"
+    anns = json.loads(afile.read_text())
+    qid = anns["annotations"][0]["question_id"]
+    anns["annotations"][0]["answers"] = []
+    afile.write_text(json.dumps(anns))
+    with pytest.raises(EvalError, match=rf"question {qid!r} has no annotator answers"):
+        get_benchmark("vqav2").load(vqa)
+
+
+def test_answers_file_lines_must_be_whole_answers(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_text('{"question_id": 1, "text": "yes"}\n{"question_id": 2, "text": null}\n')
+    with pytest.raises(EvalError, match=r"answers.jsonl:2: answer 'text' is NoneType, not a string"):
+        load_answers(path)
+    path.write_text('{"question_id": 1, "text": "yes"}\n{"question_id": 1, "text": "no"}\n')
+    with pytest.raises(EvalError, match=r"answers.jsonl:2: a second answer to question 1"):
+        load_answers(path)
+    path.write_text('{"question_id": 1, "text": "yes"}\n["not", "an", "object"]\n')
+    with pytest.raises(EvalError, match=r"answers.jsonl:2: expected a JSON object, got list"):
+        load_answers(path)
+    path.write_text('{"question_id": 1, "answer": "yes"}\n')
+    with pytest.raises(EvalError, match=r"answers.jsonl:1: no 'text' field"):
+        load_answers(path)

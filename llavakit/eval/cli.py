@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     esub = p.add_subparsers(dest="eval_command", metavar="ACTION", required=False)
 
     s = esub.add_parser("score", help="score an existing answers file", description="Score answers already "
-                        "written (ours or LLaVA's answer format) and write the reports to --out.")  # fmt: skip
+                        "written (JSON lines with question_id and text, as LLaVA's model_vqa writes; the ids must be the "
+                        "benchmark's own, see docs/evaluation.md) and write the reports to --out.")  # fmt: skip
     _bench_args(s, required=True)
     s.add_argument("--answers", default=None, help="answers JSONL (default OUT/answers.jsonl)")
     s.set_defaults(func=run_score)

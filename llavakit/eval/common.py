@@ -112,6 +112,22 @@ def check_unique_ids(items: Iterable[EvalItem], source: Path) -> None:
         seen.add(item.question_id)
 
 
+def need(row: Any, key: str, where: str, hint: str = "") -> Any:
+    """row[key] of a JSON object from a benchmark file; EvalError naming `where` (file, question) otherwise."""
+    if not isinstance(row, Mapping):
+        raise EvalError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if key not in row:
+        raise EvalError(f"{where}: no {key!r} field{hint}")
+    return row[key]
+
+
+def json_of(data: Any, kind: type, path: Path, what: str) -> Any:
+    """`data` if it is a `kind` (dict or list) at the top of `path`, else EvalError saying what was expected."""
+    if not isinstance(data, kind):
+        raise EvalError(f"{path}: expected {what}, got a JSON {type(data).__name__}")
+    return data
+
+
 def read_json(path: Path) -> Any:
     """Parse a JSON file; errors name the file."""
     try:

@@ -21,7 +21,9 @@ from llavakit.eval.common import (
     find_one,
     group_rows,
     image_prompt,
+    json_of,
     make_result,
+    need,
     percent,
     read_json,
 )
@@ -39,14 +41,15 @@ class GQA:
         root = Path(data_path)
         qfile = find_one(root, ["*questions*.json"], "GQA questions")
         items = []
-        for qid, q in read_json(qfile).items():
-            types = q.get("types", {})
+        for qid, q in json_of(read_json(qfile), dict, qfile, "an object of question id -> question").items():
+            where = f"{qfile}: question {qid!r}"
+            types = q.get("types", {}) if isinstance(q, dict) else {}
             items.append(
                 EvalItem(
                     question_id=qid,
-                    prompt=image_prompt(q["question"], SHORT_ANSWER_SUFFIX),
-                    images=(str(root / "images" / f"{q['imageId']}.jpg"),),
-                    answer=q["answer"],
+                    prompt=image_prompt(need(q, "question", where), SHORT_ANSWER_SUFFIX),
+                    images=(str(root / "images" / f"{need(q, 'imageId', where)}.jpg"),),
+                    answer=need(q, "answer", where, " (GQA's test and challenge files have none: use testdev_balanced)"),
                     category=types.get("structural", ""),
                     meta={"semantic": types.get("semantic", "")},
                 )

@@ -25,6 +25,7 @@ from llavakit.eval.common import (
     check_unique_ids,
     image_prompt,
     make_result,
+    need,
     percent,
     read_jsonl,
 )
@@ -74,6 +75,9 @@ def _split_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: (rank.get(split_name(p), len(rank)), p.name))
 
 
+NO_LABEL = " (a file of questions only, e.g. LLaVA's llava_pope_test.jsonl? POPE's coco_pope_<split>.json has labels)"
+
+
 @dataclass(frozen=True)
 class POPE:
     """POPE benchmark entry."""
@@ -87,15 +91,18 @@ class POPE:
         items = []
         for path in _split_files(root):
             split = split_name(path)
-            for row in read_jsonl(path):
-                label = str(row["label"]).strip().lower()
+            for lineno, row in enumerate(read_jsonl(path), 1):
+                where = f"{path}:{lineno}"
+                qid = need(row, "question_id", where)
+                where = f"{where} (question {qid!r})"
+                label = str(need(row, "label", where, NO_LABEL)).strip().lower()
                 if label not in ("yes", "no"):
-                    raise EvalError(f"{path}: question {row['question_id']!r} has label {row['label']!r}; expected yes/no")
+                    raise EvalError(f"{where}: label {row['label']!r}; expected yes/no")
                 items.append(
                     EvalItem(
-                        question_id=f"{split}/{row['question_id']}",
-                        prompt=image_prompt(row["text"], SHORT_ANSWER_SUFFIX),
-                        images=(str(image_dir / row["image"]),),
+                        question_id=f"{split}/{qid}",
+                        prompt=image_prompt(need(row, "text", where), SHORT_ANSWER_SUFFIX),
+                        images=(str(image_dir / need(row, "image", where)),),
                         answer=label,
                         category=split,
                     )

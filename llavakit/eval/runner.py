@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from llavakit.eval.common import Benchmark, EvalError, EvalItem, PredictFn, QuestionId
+from llavakit.eval.common import Benchmark, EvalError, EvalItem, PredictFn, QuestionId, need
 from llavakit.eval.registry import get_benchmark
 from llavakit.eval.report import write_reports
 
@@ -36,11 +36,16 @@ def load_answers(path: Path, model_id: str | None = None) -> dict[QuestionId, st
             row = json.loads(line)
         except json.JSONDecodeError:
             raise EvalError(f"{path}:{lineno}: not valid JSON; fix or delete the file") from None
+        qid, text = need(row, "question_id", f"{path}:{lineno}"), need(row, "text", f"{path}:{lineno}")
+        if not isinstance(text, str):
+            raise EvalError(f"{path}:{lineno}: answer 'text' is {type(text).__name__}, not a string")
+        if qid in answers:
+            raise EvalError(f"{path}:{lineno}: a second answer to question {qid!r}")
         if model_id is not None and row.get("model_id", "") != model_id:
             raise EvalError(
                 f"{path} holds answers of model {row.get('model_id')!r}, not {model_id!r}; use another --out directory"
             )
-        answers[row["question_id"]] = row["text"]
+        answers[qid] = text
     return answers
 
 

@@ -22,6 +22,7 @@ from llavakit.eval.common import (
     answers_for,
     image_prompt,
     make_result,
+    need,
     percent,
     read_json,
     require_file,
@@ -74,6 +75,10 @@ class ScienceQA:
         if pid not in problems:
             raise EvalError(f"{root / 'problems.json'}: split {self.split!r} lists unknown problem {pid!r}")
         prob = problems[pid]
+        where = f"{root / 'problems.json'}: problem {pid!r}"
+        choices, answer = need(prob, "choices", where), need(prob, "answer", where)
+        if not isinstance(answer, int) or not 0 <= answer < min(len(choices), len(LETTERS)):
+            raise EvalError(f"{where}: answer {answer!r} is not the index of one of its {len(choices)} choices")
         if prob.get("subject") not in SUBJECTS:
             raise EvalError(f"ScienceQA problem {pid!r}: unknown subject {prob.get('subject')!r}")
         image = prob.get("image")
@@ -82,9 +87,9 @@ class ScienceQA:
             question_id=pid,
             prompt=image_prompt(question_text(prob), LETTER_SUFFIX, with_image=bool(image)),
             images=images,
-            answer=LETTERS[int(prob["answer"])],
+            answer=LETTERS[answer],
             category=SUBJECTS[prob["subject"]],
-            meta={"num_choices": len(prob["choices"]), "columns": columns_of(prob)},
+            meta={"num_choices": len(choices), "columns": columns_of(prob)},
         )
 
     def score(self, items: Sequence[EvalItem], answers: Mapping[QuestionId, str]) -> dict[str, Any]:

@@ -27,7 +27,9 @@ from llavakit.eval.common import (
     check_unique_ids,
     find_one,
     image_prompt,
+    json_of,
     make_result,
+    need,
     read_json,
 )
 from llavakit.eval.text import normalize_vqa, process_punctuation
@@ -60,21 +62,27 @@ class VQAv2:
         root = Path(data_path)
         qfile = find_one(root, ["*questions*.json"], "VQA questions")
         afile = find_one(root, ["*annotations*.json"], "VQA annotations")
-        qdata, adata = read_json(qfile), read_json(afile)
+        qdata = json_of(read_json(qfile), dict, qfile, 'an object with "questions"')
+        adata = json_of(read_json(afile), dict, afile, 'an object with "annotations"')
         subtype = qdata.get("data_subtype", "val2014")
-        anns = {a["question_id"]: a for a in adata["annotations"]}
+        anns = {need(a, "question_id", f"{afile}: annotation {i}"): a
+                for i, a in enumerate(need(adata, "annotations", str(afile)))}
         items = []
-        for q in qdata["questions"]:
-            ann = anns.get(q["question_id"])
+        for i, q in enumerate(need(qdata, "questions", str(qfile))):
+            qid = need(q, "question_id", f"{qfile}: question {i}")
+            ann = anns.get(qid)
             if ann is None:
-                raise EvalError(f"{afile}: no annotation for question {q['question_id']!r}")
-            image = root / subtype / f"COCO_{subtype}_{int(q['image_id']):012d}.jpg"
+                raise EvalError(f"{afile}: no annotation for question {qid!r}")
+            answers = [need(a, "answer", f"{afile}: question {qid!r}") for a in need(ann, "answers", f"{afile}: question {qid!r}")]
+            if not answers:
+                raise EvalError(f"{afile}: question {qid!r} has no annotator answers")
+            image = root / subtype / f"COCO_{subtype}_{int(need(q, 'image_id', f'{qfile}: question {qid!r}')):012d}.jpg"
             items.append(
                 EvalItem(
-                    question_id=q["question_id"],
-                    prompt=image_prompt(q["question"], SHORT_ANSWER_SUFFIX),
+                    question_id=qid,
+                    prompt=image_prompt(need(q, "question", f"{qfile}: question {qid!r}"), SHORT_ANSWER_SUFFIX),
                     images=(str(image),),
-                    answer=[a["answer"] for a in ann["answers"]],
+                    answer=answers,
                     category=ann.get("answer_type", "other"),
                 )
             )
