@@ -72,3 +72,16 @@ def test_page_uploads_an_image_and_streams_the_answer(tiny_model_dir, tmp_path, 
         assert text == expected
         assert browser.execute_script("return window.__updates;") > 3  # user message, answer box, then several pieces
         assert browser.find_element(By.CSS_SELECTOR, ".msg.user img").get_attribute("src").startswith("data:image/png")
+        # a second turn with another image: the request carries the newest image only (turn 1 goes without its own)
+        blue = tmp_path / "blue.png"
+        Image.new("RGB", (30, 40), (20, 20, 200)).save(blue)
+        browser.find_element(By.ID, "image").send_keys(str(blue))
+        wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+        browser.find_element(By.ID, "message").send_keys("And this one?")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='true']")) == 2)
+        second = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1]
+        assert "error" not in second.get_attribute("class")
+        sent = browser.execute_script("return requestMessages().map((m) => Array.isArray(m.content) ? "
+                                      "m.content.filter((p) => p.type === 'image_url').length : 0);")
+        assert sent == [0, 0, 1, 0]  # user (image dropped), assistant, user (newest image), assistant
