@@ -534,8 +534,8 @@ def test_pack_override_changes_cache_identity_and_bad_packs_are_refused(tmp_path
 
 
 def _entry(image_id: int, kind: str = "detail", status: str = "ok") -> dict:
-    e = {"key": cache_key("offline", "m", "1+abc", image_id, kind), "teacher": "offline", "model": "m",
-         "prompt_version": "1+abc", "image_id": image_id, "kind": kind, "status": status, "raw": "x"}
+    e = {"key": cache_key("offline", "m", "1+abc", image_id, kind, "in"), "teacher": "offline", "model": "m",
+         "prompt_version": "1+abc", "image_id": image_id, "kind": kind, "inputs": "in", "status": status, "raw": "x"}
     if status == "ok":
         e["output"] = {"text": "x"}
     else:
@@ -566,7 +566,7 @@ def test_cache_ignores_a_torn_tail_and_bad_lines_and_keeps_appending_cleanly(tmp
     try:
         entries = again.load("detail")
         assert sorted(e["image_id"] for e in entries.values()) == [0, 1, 2, 3]
-        assert entries[cache_key("offline", "m", "1+abc", 1, "detail")]["status"] == "ok"
+        assert entries[cache_key("offline", "m", "1+abc", 1, "detail", "in")]["status"] == "ok"
         assert (again.stats.torn, again.stats.invalid, again.stats.duplicates) == (0, 1, 1)
     finally:
         again.close()
@@ -669,6 +669,49 @@ def test_any_object_following_the_teacher_protocol_can_be_plugged_in(tmp_path):
     data = json.loads((tmp_path / "o.json").read_text())
     assert data[1]["conversations"][1]["value"] == "This is image number 2."
     assert data[1]["provenance"]["teacher"] == "canned" and data[1]["provenance"]["model"] == "v0"
+
+
+def test_the_cache_key_covers_what_the_teacher_is_shown_and_its_settings(tmp_path):
+    """A cached output is reused only for the same messages and sampling settings (an LLM teacher), or the same
+    scene and vocabularies (offline): edited captions, another temperature or a changed scene ask again."""
+    from llavakit.datagen.instruct import generate_instruct
+
+    class Canned:
+        name, model = "canned", "v0"
+
+        def __init__(self, temperature=0.7):
+            self.calls, self.settings = 0, {"temperature": temperature}
+
+        def complete(self, messages, *, kind, image_id):
+            self.calls += 1
+            return format_qa([(f"Which image is this ({image_id})?", f"This is image number {image_id}.")])
+
+    def run(teacher, annotations=WORLD):
+        cfg = InstructConfig(source=SourceConfig(annotations=annotations, images_dir=WORLD / "images", limit=2),
+                             out=tmp_path / "o.json", cache_dir=tmp_path / "c", kinds=("reasoning",), progress=False)
+        generate_instruct(cfg, teacher=teacher, log=lambda m: None)
+        return teacher.calls
+
+    assert run(Canned()) == 2 and run(Canned()) == 0
+    assert run(Canned(temperature=0.0)) == 2  # other settings: other outputs
+    edited = tmp_path / "world"
+    shutil.copytree(WORLD, edited, ignore=shutil.ignore_patterns("images"))
+    captions_file = edited / "annotations" / "captions.json"
+    captions = json.loads(captions_file.read_text())
+    first = next(c for c in captions["annotations"] if c["image_id"] == 1)
+    first["caption"] = "A completely different caption."
+    captions_file.write_text(json.dumps(captions))
+    assert run(Canned(), edited) == 1  # the image whose captions changed is asked again, the other is not
+
+    from llavakit.datagen.cache import inputs_digest
+    from llavakit.datagen.instruct import teacher_inputs
+    from llavakit.datagen.teachers.offline import OfflineTeacher
+
+    whole, one = OfflineTeacher(world_dataset()), OfflineTeacher(world_source(limit=1).load())
+    assert whole.qa.categories != one.qa.categories  # --limit 1: the vocabulary of one image's objects
+    image, pack = one.dataset.images[0], load_pack("detail")
+    assert inputs_digest(teacher_inputs(whole, image, pack)) != inputs_digest(teacher_inputs(one, image, pack))
+    assert inputs_digest(teacher_inputs(whole, image, pack)) == inputs_digest(teacher_inputs(whole, image, pack))
 
 
 def test_coco_only_offline_run(tmp_path):

@@ -1,7 +1,8 @@
 """Append-only cache of teacher outcomes: one JSONL file per kind in the cache directory.
 
 Each line is one finished item, keyed by sha256 of (teacher, model, prompt-pack version, image
-id, kind), written with a single `write()` as soon as it is done and fsynced (at most
+id, kind, inputs: a digest of everything else that decides the teacher's output, see
+`teacher_inputs`), written with a single `write()` as soon as it is done and fsynced (at most
 `fsync_interval` seconds later, and on close). A record is either fully in the cache or not at
 all: a line counts only if it ends with a newline, parses, and its key matches its fields. A torn
 last line (the process or the machine died mid-write) is counted, cut off, and its item redone.
@@ -24,9 +25,14 @@ from typing import Any
 from llavakit.datagen.config import DatagenError
 
 
-def cache_key(teacher: str, model: str, prompt_version: str, image_id: Any, kind: str) -> str:
-    payload = json.dumps([teacher, model, prompt_version, str(image_id), kind], ensure_ascii=False)
+def cache_key(teacher: str, model: str, prompt_version: str, image_id: Any, kind: str, inputs: str) -> str:
+    payload = json.dumps([teacher, model, prompt_version, str(image_id), kind, inputs], ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def inputs_digest(inputs: Any) -> str:
+    """sha256 of a teacher's inputs (JSON data: the messages it is shown, its sampling settings, ...)."""
+    return hashlib.sha256(json.dumps(inputs, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -132,7 +138,7 @@ class Cache:
                 entry["kind"] == kind
                 and entry["status"] in ("ok", "rejected")
                 and entry["key"] == cache_key(entry["teacher"], entry["model"], entry["prompt_version"],
-                                              entry["image_id"], entry["kind"])
+                                              entry["image_id"], entry["kind"], entry["inputs"])
                 and (entry["status"] != "ok" or isinstance(entry.get("output"), dict))
             )
         except (KeyError, TypeError):

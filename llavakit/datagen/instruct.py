@@ -22,7 +22,7 @@ from typing import Any
 
 from llavakit import __version__
 from llavakit.datagen.annotations import ImageEntry
-from llavakit.datagen.cache import Cache, cache_key
+from llavakit.datagen.cache import Cache, cache_key, inputs_digest
 from llavakit.datagen.config import DatagenError, InstructConfig
 from llavakit.datagen.packs import PromptPack, load_list, load_pack
 from llavakit.datagen.parse import Parsed, Rejected, parse_output
@@ -45,6 +45,8 @@ class Item:
     image: ImageEntry
     kind: str
     key: str
+    inputs: str = ""
+    """Digest of what decides the teacher's output besides the key's other fields (`teacher_inputs`)."""
 
     @property
     def record_id(self) -> str:
@@ -63,6 +65,15 @@ class Outcome:
     calls: int = 0
     reasked: list[str] = field(default_factory=list)
     """Rejection codes of earlier attempts that were asked again."""
+
+
+def teacher_inputs(teacher, image: ImageEntry, pack: PromptPack) -> Any:
+    """What the teacher's output depends on besides its name, model, the pack, image id and kind: the messages an
+    LLM teacher is shown and its sampling settings, or (a teacher with an `inputs` method, like `offline`) its own."""
+    messages = pack.messages(image.context(with_boxes=pack.context == "captions+boxes"))
+    if hasattr(teacher, "inputs"):
+        return teacher.inputs(image, messages)
+    return {"messages": messages, "settings": getattr(teacher, "settings", {})}
 
 
 def _accepts_attempt(teacher) -> bool:
@@ -143,8 +154,9 @@ def generate_instruct(config: InstructConfig, *, teacher=None, log=None) -> Repo
         todo: list[Item] = []
         for img in dataset.images:
             for kind in config.kinds:
-                key = cache_key(teacher.name, teacher.model, packs[kind].cache_version, img.image_id, kind)
-                item = Item(img, kind, key)
+                inputs = inputs_digest(teacher_inputs(teacher, img, packs[kind]))
+                key = cache_key(teacher.name, teacher.model, packs[kind].cache_version, img.image_id, kind, inputs)
+                item = Item(img, kind, key, inputs)
                 items.append(item)
                 entry = cache.get(kind, key)
                 if entry is None or (entry["status"] == "rejected" and config.retry_rejected):
@@ -175,6 +187,7 @@ def generate_instruct(config: InstructConfig, *, teacher=None, log=None) -> Repo
                 entry: dict[str, Any] = {
                     "key": item.key, "teacher": teacher.name, "model": teacher.model,
                     "prompt_version": pack.cache_version, "image_id": item.image.image_id, "kind": item.kind,
+                    "inputs": item.inputs,
                     "status": out.status, "raw": out.raw, "attempts": out.calls, "created": round(time.time(), 3),
                 }
                 if out.status == "ok":

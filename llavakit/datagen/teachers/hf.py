@@ -37,6 +37,11 @@ class HFTeacher:
     def from_config(cls, config, *, dataset=None, on_retry=None) -> HFTeacher:
         return cls(config.model, temperature=config.temperature, max_new_tokens=config.max_tokens, seed=config.seed)
 
+    @property
+    def settings(self) -> dict:
+        """Sampling settings that change its outputs (part of the cache key)."""
+        return {"temperature": self.temperature, "max_new_tokens": self.max_new_tokens, "seed": self.seed}
+
     def _prompt(self, messages: list[dict]) -> str:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

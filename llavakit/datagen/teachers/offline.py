@@ -2,12 +2,15 @@
 
 It ignores the prompt text and answers from the image's objects (via `SceneQA`), but it emits
 the same Question/===/Answer text (or prose) as a real teacher, so its outputs go through the
-same parsing and validation. Output depends only on (seed, image id, kind).
+same parsing and validation. Output depends on the seed, the image's scene (its objects, relations,
+captions, background, texts, chart, size), the dataset's vocabularies (`SceneQA`) and the kind: `inputs`
+hands all of them (not the prompt, which it ignores) to the cache key.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import asdict
 from typing import Any
 
 from llavakit.datagen.parse import format_qa
@@ -29,6 +32,14 @@ class OfflineTeacher:
     @classmethod
     def from_config(cls, config, *, dataset, on_retry=None) -> OfflineTeacher:
         return cls(dataset, seed=config.seed)
+
+    def inputs(self, image, messages: list[dict]) -> dict:
+        """What its output for `image` depends on (the cache key's digest)."""
+        scene = asdict(image)
+        scene.pop("file_name")  # where the file lies does not change the answers
+        scene["relations"] = sorted(map(list, image.relations))
+        vocab = {"categories": self.qa.categories, "colors": self.qa.colors, "sizes": self.qa.sizes, "thing": self.qa.thing}
+        return {"scene": scene, "vocabulary": vocab, "turns": [self.min_turns, self.max_turns]}
 
     def complete(self, messages: list[dict], *, kind: str, image_id: Any, attempt: int = 0) -> str:
         img = self.dataset.by_id[image_id]

@@ -61,6 +61,11 @@ class OpenAITeacher:
             max_tokens=config.max_tokens, on_retry=on_retry, key_env=config.key_env,
         )
 
+    @property
+    def settings(self) -> dict:
+        """Sampling settings that change its outputs (part of the cache key)."""
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens}
+
     def close(self) -> None:
         self.client.close()
 
