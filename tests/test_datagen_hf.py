@@ -19,7 +19,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_lm(out: Path, *, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+def tiny_lm(out: Path, *, chat_template: str | None = CHAT_TEMPLATE, stop_early: bool = True) -> Path:
+    """stop_early: every ordinary token ends generation (the generation config's eos ids), so its garbage ends
+    before max_new_tokens and reaches the validator; without it the random model runs to the limit."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -40,7 +42,10 @@ def tiny_lm(out: Path, *, chat_template: str | None = CHAT_TEMPLATE) -> Path:
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    model = LlamaForCausalLM(cfg)
+    if stop_early:
+        model.generation_config.eos_token_id = [2, *range(4, len(fast))]
+    model.save_pretrained(out)
     fast.save_pretrained(out)
     return out
 
@@ -78,6 +83,19 @@ def test_hf_teacher_garbage_is_rejected_with_reasons_counted_and_cached(tmp_path
 
     again = generate_instruct(cfg, log=lambda m: None)
     assert again.totals.calls == 0 and again.totals.rejected_cached == 6
+
+
+def test_hf_teacher_output_cut_at_max_tokens_is_an_error_not_a_record(tmp_path):
+    """A completion that hits max_new_tokens is `truncated` (as the openai teacher's finish_reason=length): not
+    validated, not cached, asked again next run."""
+    model = tiny_lm(tmp_path / "lm", stop_early=False)
+    src = SourceConfig(annotations=WORLD, images_dir=WORLD / "images", limit=2)
+    cfg = InstructConfig(source=src, out=tmp_path / "data.json", cache_dir=tmp_path / "cache",
+                         prompt_dir=short_packs(tmp_path / "packs"), kinds=("reasoning",), progress=False,
+                         teacher=TeacherConfig(name="hf", model=str(model), max_tokens=8, temperature=1.0))
+    report = generate_instruct(cfg, log=lambda m: None)
+    assert report.totals.rejected == 2 and report.totals.reasons == {"truncated": 2}
+    assert generate_instruct(cfg, log=lambda m: None).totals.calls == 2  # not cached: asked again
 
 
 def test_hf_teacher_prompt_uses_the_chat_template_and_is_reproducible(tmp_path):

@@ -6,7 +6,7 @@ import hashlib
 import threading
 from typing import Any
 
-from llavakit.datagen.teachers import TeacherFatal
+from llavakit.datagen.teachers import TeacherError, TeacherFatal
 
 
 class HFTeacher:
@@ -42,6 +42,12 @@ class HFTeacher:
         """Sampling settings that change its outputs (part of the cache key)."""
         return {"temperature": self.temperature, "max_new_tokens": self.max_new_tokens, "seed": self.seed}
 
+    def _stop_ids(self) -> set[int]:
+        """Token ids that end a completion: the tokenizer's EOS and the generation config's."""
+        ids = self.lm.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+        return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+
     def _prompt(self, messages: list[dict]) -> str:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -69,4 +75,6 @@ class HFTeacher:
             torch.manual_seed(int.from_bytes(digest[:8], "little"))
             out = self.lm.generate(**enc, **kwargs)
         new = out[0, enc["input_ids"].shape[1]:]
+        if len(new) >= self.max_new_tokens and int(new[-1]) not in self._stop_ids():
+            raise TeacherError("truncated", f"the completion hit max_new_tokens ({self.max_new_tokens}) before its end")
         return self.tokenizer.decode(new, skip_special_tokens=True)
