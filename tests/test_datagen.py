@@ -138,6 +138,21 @@ def test_missing_images_fail_with_count_or_are_skipped_and_reported(tmp_path):
     assert len(data) == 6 and report.info["skipped_missing_images"] == ["images/train_000003.png"]
 
 
+@pytest.mark.parametrize("change, match", [
+    (lambda inst: inst["images"][0].update(width=0), r"image \d+: width must be > 0, got 0"),
+    (lambda inst: inst["annotations"][0].update(bbox=[10, 10, -5, 8]), "negative width or height"),
+    (lambda inst: inst["annotations"][0].update(bbox=[5000, 10, 20, 20]), r"lies outside the \d+x\d+ image"),
+])
+def test_coco_files_with_impossible_sizes_or_boxes_name_the_image(tmp_path, change, match):
+    src = COCO / "annotations" / "instances_val2017.json"
+    inst = json.loads(src.read_text())
+    change(inst)
+    bad = tmp_path / "instances.json"
+    bad.write_text(json.dumps(inst))
+    with pytest.raises(AnnotationError, match=match):
+        SourceConfig(annotations=bad, images_dir=COCO / "val2017").load()
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -252,8 +252,8 @@ def load_dataset(
         images[iid] = ImageEntry(
             image_id=iid,
             file_name=str(_need(im, "file_name", instances, f"image {iid}")),
-            width=_number(_need(im, "width", instances, f"image {iid}"), int, instances, f"image {iid}: width"),
-            height=_number(_need(im, "height", instances, f"image {iid}"), int, instances, f"image {iid}: height"),
+            width=_side(im, "width", instances, iid),
+            height=_side(im, "height", instances, iid),
         )
     per_image: dict[Any, list[dict]] = {}
     for ann in inst["annotations"]:
@@ -286,6 +286,7 @@ def load_dataset(
             _fill_from_scene(entry, scene, supercats, scenes)
         else:
             _fill_from_instances(entry, per_image.get(iid, []), cats, instances)
+        _check_boxes(entry, scenes if scene is not None else instances)
 
     ordered = sorted(images.values(), key=lambda e: _order(e.image_id))
     if limit is not None:
@@ -329,11 +330,29 @@ def load_dataset(
     )
 
 
+def _side(im: dict, key: str, path: Path, iid: Any) -> int:
+    value = _number(_need(im, key, path, f"image {iid}"), int, path, f"image {iid}: {key}")
+    if value <= 0:
+        raise AnnotationError(f"{path}: image {iid}: {key} must be > 0, got {value}")
+    return value
+
+
 def _bbox(bbox: Any, path: Path | None, what: str) -> tuple[float, float, float, float]:
     if not (isinstance(bbox, list) and len(bbox) == 4):
         raise AnnotationError(f"{path}: {what}: bbox must be [x, y, w, h], got {bbox!r:.60}")
     x, y, w, h = (_number(v, float, path, f"{what}: bbox value") for v in bbox)
+    if w < 0 or h < 0:
+        raise AnnotationError(f"{path}: {what}: bbox [x, y, w, h] has a negative width or height: {bbox!r:.60}")
     return x, y, w, h
+
+
+def _check_boxes(entry: ImageEntry, path: Path | None) -> None:
+    """Every box must overlap its image (a box that only pokes out is clamped when normalised, as COCO's do)."""
+    for obj in entry.objects:
+        x, y, w, h = obj.bbox
+        if x >= entry.width or y >= entry.height or x + w <= 0 or y + h <= 0:
+            raise AnnotationError(f"{path}: image {entry.image_id}: the box {list(obj.bbox)} of object {obj.index} "
+                                  f"({obj.category}) lies outside the {entry.width}x{entry.height} image")
 
 
 def _fill_from_instances(entry: ImageEntry, anns: list[dict], cats: dict[int, dict], path: Path) -> None:
