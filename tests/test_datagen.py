@@ -867,6 +867,9 @@ def test_mix_ratios_ids_and_seed(tmp_path):
                                    out=tmp_path / "m3.json", shuffle=False))
     ids = [r["id"] for r in json.loads((tmp_path / "m3.json").read_text())]
     assert ids == [str(i) for i in range(10)] + ["0#b", "100", "101", "102"] and report.info["renamed"] == 1
+    (tmp_path / "one.json").write_text(json.dumps([rec(7, "one")]))  # 0.5 of 1 record rounds half up, as 2.5 of 5
+    mix_sources(MixConfig(sources=[f"{tmp_path / 'one.json'}:0.5"], out=tmp_path / "m4.json"))
+    assert len(json.loads((tmp_path / "m4.json").read_text())) == 1
     (tmp_path / "bad.json").write_text(json.dumps([{"id": 1}]))
     with pytest.raises(DatagenError, match=r"bad.json: record 0 is not a LLaVA record"):
         mix_sources(MixConfig(sources=[str(tmp_path / "bad.json")], out=tmp_path / "m2.json"))

@@ -264,6 +264,14 @@ def test_rejected_output_is_reasked_then_cached(tmp_path, server):
     assert len(server.log) == n + 1 and report3.totals.generated == 1 and len(data3) == 3
 
 
+def test_a_reasked_rejection_that_fails_in_the_teacher_reports_the_new_error(tmp_path, server):
+    server.script[2] = ["bad_output", "bad_output", "malformed"]
+    run(tmp_path, server)
+    report, _, rejections = run(tmp_path, server, retry_rejected=True)
+    assert dict(report.kinds["conversation"].reasons) == {"malformed_body": 1}
+    assert [(r["code"], r["cached"]) for r in rejections] == [("malformed_body", False)]
+
+
 def test_concurrency_is_bounded(tmp_path):
     fake = FakeOpenAI(delay=0.15).start()
     try:

@@ -2,8 +2,9 @@
 
 Each line is one finished item, keyed by sha256 of (teacher, model, prompt-pack version, image
 id, kind, inputs: a digest of everything else that decides the teacher's output, see
-`teacher_inputs`), written with a single `write()` as soon as it is done and fsynced (at most
-`fsync_interval` seconds later, and on close). A record is either fully in the cache or not at
+`teacher_inputs`), written with a single `write()` as soon as it is done (a killed process loses
+nothing) and fsynced by the first write at least `fsync_interval` seconds after the last fsync, and on
+close (a power cut can lose the lines since). A record is either fully in the cache or not at
 all: a line counts only if it ends with a newline, parses, and its key matches its fields. A torn
 last line (the process or the machine died mid-write) is counted, cut off, and its item redone.
 

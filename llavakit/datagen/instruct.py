@@ -175,9 +175,10 @@ def generate_instruct(config: InstructConfig, *, teacher=None, log=None) -> Repo
             nonlocal consecutive_errors
             item = out.item
             st = report.kind(item.kind)
-            st.calls += out.calls
-            st.retried += len(out.reasked)
-            st.retry_reasons.update(out.reasked)
+            with lock:  # on_retry counts into the same fields from the worker threads
+                st.calls += out.calls
+                st.retried += len(out.reasked)
+                st.retry_reasons.update(out.reasked)
             if out.status == "error":
                 errors[item.key] = out
                 consecutive_errors += out.code != "no_context"  # a data problem, not a teacher failure
@@ -240,13 +241,13 @@ def generate_instruct(config: InstructConfig, *, teacher=None, log=None) -> Repo
                     st.cached += 1
                 continue
             st.rejected += 1
-            if entry is not None:
+            if item.key in errors:  # asked this run (also a cached rejection asked again) and the teacher failed
+                out = errors[item.key]
+                code, message, raw, cached = out.code, out.message, out.raw, False
+            else:
                 code, message, raw = entry["reason"]["code"], entry["reason"]["message"], entry.get("raw", "")
                 cached = item.key not in fresh
                 st.rejected_cached += int(cached)
-            else:
-                out = errors[item.key]
-                code, message, raw, cached = out.code, out.message, out.raw, False
             st.reasons[code] += 1
             rejections.append({"id": item.record_id, "image_id": item.image.image_id, "kind": item.kind,
                                "code": code, "message": message, "cached": cached, "raw": raw[:RAW_EXCERPT]})

@@ -43,7 +43,7 @@ def mix_sources(config: MixConfig) -> Report:
         records = read_records(src.path)
         rng = random.Random(f"{config.seed}/{n}/{src.path.name}")
         whole = math.floor(src.ratio)
-        extra = round((src.ratio - whole) * len(records))
+        extra = math.floor((src.ratio - whole) * len(records) + 0.5)  # half up (round() halves to even: 0.5 of 1 -> 0)
         picked: list[tuple[dict, int]] = [(r, copy) for copy in range(whole) for r in records]
         picked += [(r, whole) for r in rng.sample(records, min(extra, len(records)))]
         name = src.path.name
