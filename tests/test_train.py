@@ -239,6 +239,53 @@ def test_loss_is_the_mean_over_assistant_tokens_of_the_global_batch(tiny_model_d
     assert together.item() == pytest.approx(sum(a.item() for a in apart), abs=1e-4)  # pad columns add nothing
 
 
+@pytest.mark.parametrize("source", ["pixels", "features"])
+def test_a_micro_batch_without_images_still_runs_the_encoder_when_every_rank_must(tiny_model_dir, squares, source):
+    """Under FSDP / DeepSpeed every module's forward is a collective: a text-only micro-batch runs the projector
+    (and the tower, from pixels) on a blank image at weight 0, so its loss is unchanged and every rank joins."""
+    from llavakit.train.data import Collate, LazyDataset
+    from llavakit.train.model import TrainModule
+    from llavakit.train.setup import make_source
+
+    cfg = config("instruct", tiny_model_dir, "unused", squares["qa"], squares["images"])
+    lm = load_model(tiny_model_dir)
+    lm.model.requires_grad_(True)
+    batch = Collate(lm.tokenizer.pad_token_id)([LazyDataset(make_source(cfg, lm, cfg.data.path))[41]])  # text only
+    assert batch.pixel_values is None
+    n = torch.tensor(float(batch.n_targets))
+    plain = TrainModule(lm.model, True)(**batch.model_inputs("cpu"), num_items=n)
+    plain.backward()
+    projector = list(lm.model.model.multi_modal_projector.parameters())
+    assert all(p.grad is None for p in projector)  # untouched: under FSDP this rank would skip a collective
+    joined = TrainModule(lm.model, True, every_rank_encodes=source)(**batch.model_inputs("cpu"), num_items=n)
+    joined.backward()
+    assert joined.item() == plain.item()
+    assert all(p.grad is not None and not p.grad.any() for p in projector)  # ran, with a zero gradient
+    touched = {name for name, p in lm.model.model.vision_tower.named_parameters() if p.grad is not None}
+    if source == "features":
+        assert not touched  # cached features: the tower never runs, on any rank
+        return
+    lm.model.zero_grad(set_to_none=True)
+    with_image = Collate(lm.tokenizer.pad_token_id)([LazyDataset(make_source(cfg, lm, cfg.data.path))[0]])
+    TrainModule(lm.model, True)(**with_image.model_inputs("cpu"), num_items=n).backward()
+    assert touched == {name for name, p in lm.model.model.vision_tower.named_parameters() if p.grad is not None}
+
+
+def test_lora_target_modules_name_language_model_layers_only(tiny_model_dir):
+    """peft matches `q_proj` by suffix, the vision tower's too: llavakit picks the LM's layers of that name."""
+    from llavakit.train.config import LoraConfig
+    from llavakit.train.model import apply_lora
+
+    model = apply_lora(load_model(tiny_model_dir).model, LoraConfig(enabled=True, r=4, alpha=8,
+                                                                   target_modules=["q_proj", "self_attn.v_proj"]),
+                       train_vision=False)
+    wrapped = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]
+    assert wrapped and all("language_model" in name and name.endswith(("q_proj", "v_proj")) for name in wrapped)
+    with pytest.raises(ValueError, match=r"lora.target_modules \['qkv'\]: no linear layer of the language model"):
+        apply_lora(load_model(tiny_model_dir).model, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "qkv"]),
+                   train_vision=False)
+
+
 def test_gradient_checkpointing_and_bf16_autocast(aligned, squares, tmp_path):
     runtimes = {"plain": {}, "ckpt": {"gradient_checkpointing": True}, "bf16": {"mixed_precision": "bf16"}}
     runs = {name: report(train(config("instruct", aligned, tmp_path / name, squares["qa"], squares["images"],
@@ -413,6 +460,27 @@ def test_bad_records_skipped_are_counted_and_reported(tiny_model_dir, squares, b
     assert {s["id"] for s in r["skipped"]["records"]} == {"two-markers", "missing-image", "corrupt-image"}
     reasons = {s["id"]: s["reason"] for s in r["skipped"]["records"]}
     assert "not found" in reasons["missing-image"] and "corrupt" in reasons["corrupt-image"]
+
+
+def test_an_unexpected_error_in_a_worker_stops_the_run_naming_the_record(tiny_model_dir, squares, bad_data, tmp_path,
+                                                                          monkeypatch):
+    """Not a bad record the checks know: never skipped (it could hit every record), reported with the record's id."""
+    from llavakit.train.data import LazyDataset
+
+    real = LazyDataset._pixels
+
+    def pixels(self, names):
+        if names == ["sq_3.png"]:
+            raise MemoryError("the image processor ran out of memory")
+        return real(self, names)
+
+    monkeypatch.setattr(LazyDataset, "_pixels", pixels)
+    path = bad_data["write"]("d.json", bad_data["good"] + [dict(bad_data["good"][0], id="one-more")])  # 16: a step
+    cfg = config("align", tiny_model_dir, tmp_path / "out", path, squares["images"],
+                 data={"eval_size": 0, "on_bad_record": "skip"}, optim={"batch_size": 16, "micro_batch_size": 8})
+    want = next(r["id"] for r in bad_data["good"] if r["image"] == "sq_3.png")
+    with pytest.raises(ValueError, match=rf"record '{want}': unexpected error: MemoryError: the image processor ran out"):
+        train(cfg)
 
 
 def test_truncated_records_are_counted_and_reported(tiny_model_dir, squares, bad_data, tmp_path, capsys):
@@ -594,3 +662,18 @@ def test_feature_cache_key_ignores_where_the_encoder_was_loaded_from(tiny_model_
     assert encoder_key(lm.model, lm.image_processor) == key
     lm.model.config.vision_feature_layer = -1  # what does change the features changes the key
     assert encoder_key(lm.model, lm.image_processor) != key
+
+
+def test_resume_on_another_number_of_processes_is_refused(tmp_path):
+    """The global batch's split over processes and accumulation steps depends on the process count."""
+    from types import SimpleNamespace
+
+    from llavakit.train import checkpoint as ckpt
+    from llavakit.train.setup import restore
+
+    (tmp_path / ckpt.STATE_FILE).write_text(json.dumps({"step": 4, "processes": 2}))
+    loaded = []
+    run = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1, load_state=loaded.append))
+    with pytest.raises(ValueError, match=r"saved by a run on 2 process\(es\), this one has 1: resume on as many"):
+        restore(run, tmp_path)
+    assert loaded == []  # refused before accelerate touched the model

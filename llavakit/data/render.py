@@ -142,7 +142,10 @@ def _truncate(conv: Conversation, ids: list[int], labels: list[int], opts: Rende
 def render_conversation(conv: Conversation, tokenizer, template: ChatTemplate, opts: RenderOptions) -> RenderedSample:
     """Tokens and labels of a validated conversation."""
     messages = prepare_messages(conv, template, opts.image_seq_length)
-    full, spans = assistant_spans(conv.id, template, tokenizer, messages)
+    try:
+        full, spans = assistant_spans(conv.id, template, tokenizer, messages)
+    except TemplateRefused as exc:  # the template rejects this conversation: a bad record, named
+        raise RecordError(conv.id, str(exc)) from None
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     labels = _labels(conv.id, ids, offsets, spans, tokenizer)

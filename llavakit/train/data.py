@@ -30,6 +30,8 @@ class Failure:
 
     id: str
     reason: str
+    unexpected: bool = False
+    """Not a bad record the checks know (an exception of another kind): stops the run even under `skip`."""
 
 
 @dataclass
@@ -82,6 +84,10 @@ def record_id(record: object, position: int) -> str:
     return str(rid) if rid is not None else f"#{position}"
 
 
+def unexpected(record: object, position: int, exc: Exception) -> Failure:
+    return Failure(record_id(record, position), f"{type(exc).__name__}: {exc}", unexpected=True)
+
+
 def check_record(source: Source, i: int) -> tuple[int, int, bool] | Failure:
     """(length, n_images, truncated) of record i, or why it is unusable (files checked for existence only)."""
     from llavakit.data.records import RecordError
@@ -92,6 +98,8 @@ def check_record(source: Source, i: int) -> tuple[int, int, bool] | Failure:
         sample = render_record(record, source.tokenizer, source.template, source.options)
     except RecordError as exc:
         return Failure(record_id(record, i), exc.reason)
+    except Exception as exc:  # noqa: BLE001 - in a worker: reported naming the record, never a bare traceback
+        return unexpected(record, i, exc)
     for name in sample.images:
         if not (source.image_folder / name).is_file():
             return Failure(sample.id, f"image file not found: {source.image_folder / name}")
@@ -223,6 +231,8 @@ class LazyDataset(torch.utils.data.Dataset):
             return Failure(record_id(record, i), exc.reason)
         except ImageError as exc:
             return Failure(record_id(record, i), str(exc))
+        except Exception as exc:  # noqa: BLE001 - in a worker: reported naming the record, never a bare traceback
+            return unexpected(record, i, exc)
         return Sample(s.id, s.input_ids, s.labels, pixels, features)
 
     def _pixels(self, names: list[str]) -> torch.Tensor:

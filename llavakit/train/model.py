@@ -46,6 +46,20 @@ def lm_linear_names(llava: nn.Module) -> list[str]:
     return [f"{prefix}{name}" for name, m in llava.model.language_model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def lora_targets(llava: nn.Module, names) -> list[str]:
+    """Full names of the LM linears LoRA wraps: all of them, or those `names` picks as peft would (a name or a
+    `.`-suffix: `q_proj`, `self_attn.q_proj`). Only the LM's: peft would also match the vision tower's `q_proj`."""
+    linears = lm_linear_names(llava)
+    if not names:
+        return linears
+    picked = [full for full in linears if any(full == n or full.endswith("." + n) for n in names)]
+    unmatched = [n for n in names if not any(full == n or full.endswith("." + n) for full in linears)]
+    if unmatched or not picked:
+        raise ValueError(f"lora.target_modules {unmatched or list(names)}: no linear layer of the language model has "
+                         f"that name (e.g. {', '.join(sorted({f.rsplit('.', 1)[-1] for f in linears})[:8])})")
+    return picked
+
+
 def apply_lora(llava: nn.Module, lora, *, train_vision: bool) -> nn.Module:
     """LoRA on the language model; the projector (and vision tower if trained) as full `modules_to_save`."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -54,7 +68,7 @@ def apply_lora(llava: nn.Module, lora, *, train_vision: bool) -> nn.Module:
     modules_to_save = [PROJECTOR] + (["vision_tower"] if train_vision else [])
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
-        target_modules=list(lora.target_modules or lm_linear_names(llava)), modules_to_save=modules_to_save,
+        target_modules=lora_targets(llava, lora.target_modules), modules_to_save=modules_to_save,
     )
     with warnings.catch_warnings():  # peft probes a deprecated transformers property
         warnings.simplefilter("ignore", FutureWarning)
@@ -156,10 +170,14 @@ class TrainModule(nn.Module):
     batch is split over processes and accumulation steps.
     """
 
-    def __init__(self, model: nn.Module, freeze_vision_mode: bool):
+    def __init__(self, model: nn.Module, freeze_vision_mode: bool, every_rank_encodes: str | None = None):
+        """every_rank_encodes: "features" / "pixels" under FSDP or DeepSpeed with several processes: a micro-batch
+        without images still runs the projector (and the tower, "pixels") on a blank image, weighted 0 (as LLaVA's
+        dummy image), since there every module's forward is a collective all processes must join."""
         super().__init__()
         self.model = model
         self.freeze_vision_mode = freeze_vision_mode
+        self.every_rank_encodes = every_rank_encodes
         self._no_split_modules = getattr(llava_of(model), "_no_split_modules", None)  # for FSDP auto-wrap
 
     def train(self, mode: bool = True):
@@ -174,14 +192,35 @@ class TrainModule(nn.Module):
         if image_features is not None:  # cached encoder output: project it, let the model scatter it
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-            projected = llava.model.multi_modal_projector(image_features)  # [N, S, Dt]
+            weight = next(llava.model.multi_modal_projector.parameters())
+            projected = llava.model.multi_modal_projector(image_features.to(weight.dtype))  # [N, S, Dt]
             # the same structure get_image_features returns: one [S, Dt] tensor per image
             extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
         elif pixel_values is not None:
             extra["pixel_values"] = pixel_values  # [N, 3, H, W]
         hidden = llava.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                              **extra).last_hidden_state  # [B, T, D]
-        return target_loss(llava.lm_head, hidden, labels, num_items)
+        loss = target_loss(llava.lm_head, hidden, labels, num_items)
+        if not extra and self.every_rank_encodes:
+            loss = loss + 0.0 * blank_image_features(llava, self.every_rank_encodes, hidden.device).sum()
+        return loss
+
+
+def blank_image_features(llava: nn.Module, source: str, device):
+    """The projected features of one blank image: from a zero feature map ("features": a cached tower's output
+    shape) or from zero pixels through the tower ("pixels")."""
+    import torch
+
+    projector = llava.model.multi_modal_projector
+    if source == "features":
+        weight = next(projector.parameters())
+        width = next(m.in_features for m in projector.modules() if isinstance(m, nn.Linear))  # the cached width
+        return projector(torch.zeros(1, llava.config.image_seq_length, width, device=device, dtype=weight.dtype))
+    size = llava.config.vision_config.image_size
+    weight = next(llava.model.vision_tower.parameters())
+    out = llava.model.get_image_features(pixel_values=torch.zeros(1, 3, size, size, device=device, dtype=weight.dtype))
+    parts = getattr(out, "pooler_output", out)
+    return torch.cat([t.reshape(-1) for t in (parts if isinstance(parts, (list, tuple)) else [parts])])
 
 
 def target_loss(lm_head: nn.Module, hidden, labels, num_items):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -49,6 +50,8 @@ class RunState:
     eval_loss: float | None = None
     first_eval_loss: float | None = None
     data_fingerprint: str = ""
+    processes: int = 0
+    """Processes the run trains on (0: not recorded); a resume must use as many (the batch split depends on it)."""
 
 
 @dataclass
@@ -168,6 +171,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+DIST_TIMEOUT = timedelta(hours=2)
+"""How long processes wait at a collective: the main process alone indexes the data and builds the feature
+cache while the others wait (torch's default of 10 minutes is shorter than a 558k-image cache build)."""
+
+
 def process_state():
     """accelerate's view of the processes (torchrun / accelerate launch), before the Accelerator exists."""
     from accelerate import PartialState
@@ -175,7 +183,7 @@ def process_state():
     # Without a GPU (or other accelerator) accelerate must be told so, else torchrun's processes
     # are not joined: then it runs DDP over gloo on CPU.
     cpu = not (hasattr(torch, "accelerator") and torch.accelerator.is_available()) and not torch.cuda.is_available()
-    return PartialState(cpu=cpu), cpu
+    return PartialState(cpu=cpu, timeout=DIST_TIMEOUT), cpu  # the process group is made here, with its timeout
 
 
 def make_accelerator(cfg: TrainConfig, cpu: bool, world: int, unused_params: bool):
@@ -252,6 +260,9 @@ def handle_failures(cfg: TrainConfig, failures: list[Failure], state: RunState, 
 
     if not failures:
         return
+    odd = [f for f in failures if f.unexpected]
+    if odd:  # not a kind of bad record the checks know: skipping it could hide a bug that hits every record
+        raise RecordError(odd[0].id, f"unexpected error: {odd[0].reason} [{where}]")
     if cfg.data.on_bad_record == "error":
         more = f" (and {len(failures) - 1} more bad record(s); data.on_bad_record=skip leaves them out)" if len(failures) > 1 else ""
         raise RecordError(failures[0].id, f"{failures[0].reason} [{where}]{more}")
@@ -333,7 +344,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
         tune_cpu_malloc()
     set_seed(cfg.runtime.seed)
     loaded = load_model(resolve_init(cfg.init_from))
-    state = RunState()
+    state = RunState(processes=procs.num_processes)
     train_source, train_index, eval_source, eval_index = build_data(cfg, procs, loaded, state)
     unused = cfg.data.on_bad_record == "skip" or not all(train_index.n_images)
     accelerator = make_accelerator(cfg, cpu, procs.num_processes, unused)
@@ -345,7 +356,9 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
         attach_feature_cache(run, loaded.model)
     model = prepare_model(loaded.model, cfg)
     build_optimizer(run, model)
-    module = TrainModule(model, freeze_vision_mode=not cfg.train_vision)
+    sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP") and procs.num_processes > 1
+    module = TrainModule(model, freeze_vision_mode=not cfg.train_vision,
+                         every_rank_encodes=("features" if cfg.data.feature_cache else "pixels") if sharded else None)
     module.train()
     if accelerator.state.deepspeed_plugin is not None:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -374,8 +387,12 @@ def restart(run: Run) -> None:
 
 
 def restore(run: Run, path: Path) -> None:
-    run.accelerator.load_state(str(path))
     saved = ckpt.read_state(path)
+    if saved.get("processes") and saved["processes"] != run.accelerator.num_processes:
+        raise ValueError(f"--resume: {path} was saved by a run on {saved['processes']} process(es), this one has "
+                         f"{run.accelerator.num_processes}: resume on as many (how each global batch is split over "
+                         "processes and accumulation steps depends on it)")
+    run.accelerator.load_state(str(path))
     run.state = RunState(**saved)
     if run.state.data_fingerprint != fingerprint(run.train_index):
         raise ValueError(f"--resume: the training data changed since {path} (different usable records or lengths)")
