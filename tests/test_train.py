@@ -427,7 +427,10 @@ def bad_data(squares, tmp_path):
             {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]},
         {"id": "corrupt-image", "image": str(tmp_path / "broken.png"), "conversations": [
             {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]},
+        {"id": "not-an-image", "image": str(tmp_path / "notes.png"), "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]},
     ]
+    (tmp_path / "notes.png").write_text("not a picture at all")  # found by the index pass (its header)
     def write(name, recs):
         path = tmp_path / name
         path.write_text(json.dumps(recs))
@@ -439,6 +442,7 @@ def bad_data(squares, tmp_path):
     ("two-markers", "has 1 image(s) but 2 <image> marker(s)"),
     ("missing-image", "image file not found"),
     ("corrupt-image", "corrupt or truncated image"),
+    ("not-an-image", "not an image"),
 ])
 def test_bad_record_stops_training_naming_it(tiny_model_dir, squares, bad_data, tmp_path, bad_id, message):
     path = bad_data["write"]("d.json", bad_data["good"] + [bad_data["bad"][bad_id]])
@@ -456,8 +460,8 @@ def test_bad_records_skipped_are_counted_and_reported(tiny_model_dir, squares, b
     cfg = config("align", tiny_model_dir, tmp_path / "out", path, squares["images"],
                  data=data, optim={"batch_size": 16, "micro_batch_size": 8})
     r = report(train(cfg))
-    assert r["skipped"]["count"] == 3 and r["steps"] == 1
-    assert {s["id"] for s in r["skipped"]["records"]} == {"two-markers", "missing-image", "corrupt-image"}
+    assert r["skipped"]["count"] == 4 and r["steps"] == 1
+    assert {s["id"] for s in r["skipped"]["records"]} == {"two-markers", "missing-image", "corrupt-image", "not-an-image"}
     reasons = {s["id"]: s["reason"] for s in r["skipped"]["records"]}
     assert "not found" in reasons["missing-image"] and "corrupt" in reasons["corrupt-image"]
 

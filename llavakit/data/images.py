@@ -129,6 +129,29 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = Image
     return to_rgb(img, name)
 
 
+def check_image_file(path: str | Path, limits: ImageLimits = ImageLimits()) -> None:
+    """Header-only check of an image file (there, not empty, an accepted format, within the size caps): cheap
+    enough for an index pass over every record. A file cut short after its header fails when it is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: image file not found")
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
+        with Image.open(path, formats=_formats()) as img:
+            limits.check_size(*img.size, str(path))
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image, or not one of the accepted formats ({', '.join(_formats())})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{path}: corrupt image header ({exc})") from None
+
+
 def load_image(path: str | Path, limits: ImageLimits = ImageLimits()):
     """Read and decode an image file into RGB; `ImageError` names the path on any failure."""
     path = Path(path)

@@ -2,7 +2,7 @@
 
 1. `build_index` renders every record once (the one render function, in DataLoader workers) to
    learn its exact length and check it — bad `<image>` counts, over-long records, missing image
-   files. Nothing but the lengths (and which records `data.truncate` cut) is kept; samples are
+   files or ones whose header is not an image's. Nothing but the lengths (and which records `data.truncate` cut) is kept; samples are
    rendered again, lazily, when batched.
 2. `plan_epoch` shuffles (seeded by epoch) and groups records of one modality and similar length
    into global batches; `rank_micro_batches` cuts each global batch into the micro-batches of one
@@ -89,7 +89,8 @@ def unexpected(record: object, position: int, exc: Exception) -> Failure:
 
 
 def check_record(source: Source, i: int) -> tuple[int, int, bool] | Failure:
-    """(length, n_images, truncated) of record i, or why it is unusable (files checked for existence only)."""
+    """(length, n_images, truncated) of record i, or why it is unusable (image files: their headers only)."""
+    from llavakit.data.images import ImageError, check_image_file
     from llavakit.data.records import RecordError
     from llavakit.data.render import render_record
 
@@ -101,8 +102,10 @@ def check_record(source: Source, i: int) -> tuple[int, int, bool] | Failure:
     except Exception as exc:  # noqa: BLE001 - in a worker: reported naming the record, never a bare traceback
         return unexpected(record, i, exc)
     for name in sample.images:
-        if not (source.image_folder / name).is_file():
-            return Failure(sample.id, f"image file not found: {source.image_folder / name}")
+        try:
+            check_image_file(source.image_folder / name)  # the header: a broken file stops the run now, not hours in
+        except ImageError as exc:
+            return Failure(sample.id, str(exc))
     return len(sample.input_ids), len(sample.images), sample.truncated
 
 

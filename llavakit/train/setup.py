@@ -22,7 +22,8 @@ from llavakit.train.data import Failure, Index, Source
 
 
 # Keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = ("out", "runtime.kill_after_step", "data.num_workers", "log", "checkpoint.keep_last")
+RESUMABLE_CHANGES = ("out", "runtime.kill_after_step", "data.num_workers", "data.on_bad_record", "log",
+                     "checkpoint.keep_last")
 # Truncated record ids named in report.json (the count is always exact).
 TRUNCATED_IDS_SHOWN = 50
 
