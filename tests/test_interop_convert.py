@@ -237,6 +237,7 @@ def test_stage1_projector_with_base_lm(tiny_parts, tmp_path):
     out = convert(src, tmp_path / "out", tiny_parts, lm=str(tiny_parts["llama"]))
     lm = assert_matches_reference(tiny_parts, out, lm_weights(tiny_parts), read_all(src), layer=-2, drop_cls=True, projector="mlp2x_gelu")
     assert lm.meta.history[0]["layout"] == "stage1"
+    assert lm.template.name == "plain"  # how a stage-1 projector was trained (--template picks another)
 
 
 def test_lora_dir_merged(tiny_parts, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -158,6 +159,26 @@ def test_llava_hf_dir_without_record(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="already a llavakit model dir"):
         import_hf(tiny_model_dir, tmp_path / "not-written")
     assert not (tmp_path / "not-written").exists()
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"model_type": "llava_next"}, "model_type 'llava_next': LLaVA-NeXT (anyres tiling, image_newline) is not supported"),
+    ({"model_type": "llava_llama"}, "an original LLaVA checkpoint: convert it with `llavakit convert --from llava`"),
+    ({"vision_config": {"model_type": "pixtral"}}, "vision tower 'pixtral' is not supported"),
+])
+def test_llava_hf_dirs_of_other_kinds_are_refused_naming_what_they_are(tiny_model_dir, tmp_path, change, needle):
+    from llavakit.interop.hf import import_hf, load_any
+
+    plain = strip_record(tiny_model_dir, tmp_path / "hf")
+    config = json.loads((plain / "config.json").read_text())
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (plain / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        load_any(plain)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        import_hf(plain, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_llava_hf_template_for_part_lists_refused(tiny_model_dir, tmp_path):

@@ -39,11 +39,39 @@ def test_hf_llava_loads_with_same_logits(tiny_model_dir):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-def test_hf_processor_matches_llavakit_data_path(tiny_model_dir):
+SMOL_LIKE = (  # SmolLM2's chat template, as the default model records it: written for string content
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_template_model(tiny_parts, tmp_path_factory) -> Path:
+    """A model whose template is `tokenizer` (the default model's case), its LM's tokenizer holding SMOL_LIKE."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tokenizer_template")
+    lm_dir = Path(shutil.copytree(tiny_parts["llama"], root / "lm"))
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    tok.chat_template = SMOL_LIKE
+    tok.save_pretrained(lm_dir)
+    return make_model({**tiny_parts, "llama": lm_dir}, root / "m", template="tokenizer")
+
+
+@pytest.mark.parametrize("which", ["vicuna_v1", "tokenizer"])
+def test_hf_processor_matches_llavakit_data_path(tiny_model_dir, tokenizer_template_model, which):
+    """AutoProcessor + apply_chat_template with content parts gives llavakit's ids, also for a tokenizer's own
+    chat template written for string content."""
     from transformers import AutoProcessor
 
-    lm = load_model(tiny_model_dir)
-    proc = AutoProcessor.from_pretrained(tiny_model_dir)
+    model_dir = tiny_model_dir if which == "vicuna_v1" else tokenizer_template_model
+    lm = load_model(model_dir)
+    assert lm.template.name == which
+    proc = AutoProcessor.from_pretrained(model_dir)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True)
     image = Image.new("RGB", (48, 30), (200, 20, 20))
@@ -75,6 +103,9 @@ def test_save_load_round_trip(tiny_model_dir, tmp_path):
         b = again.model(input_ids=ids, pixel_values=pixels, labels=labels)
     assert torch.equal(a.logits, b.logits) and a.loss.item() == b.loss.item()
     assert again.template == lm.template and again.meta == lm.meta
+    from llavakit import __version__
+
+    assert again.meta.version == __version__  # the version that wrote it
 
 
 def test_saving_over_a_model_replaces_it_and_a_failed_save_keeps_it(tiny_model_dir, tmp_path, monkeypatch):
@@ -198,3 +229,12 @@ def test_load_names_a_missing_processor_part(tiny_model_dir, tmp_path, missing, 
         (copy / "tokenizer_config.json").unlink()
     with pytest.raises(FileNotFoundError, match=f"model dir {copy} has no usable {part}"):
         load_model(copy)
+
+
+def test_init_refuses_a_feature_layer_the_tower_lacks_and_default_without_cls(tiny_parts, tmp_path):
+    """Caught when the model is assembled, not at its first forward (IndexError) or image (token count)."""
+    with pytest.raises(ValueError, match=r"vision feature layer 40 is outside the tower's \d+ layers"):
+        make_model(tiny_parts, tmp_path / "a", vision_feature_layer=40)
+    with pytest.raises(ValueError, match=r"select strategy 'default' drops a CLS token, and this tower \(siglip"):
+        make_model(tiny_parts, tmp_path / "b", vision="siglip", select_strategy="default")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -133,11 +133,25 @@ def test_template_matches_hf_apply_chat_template(tok):
         assert hf == render_text(t, tok, msgs, add_generation_prompt=True)
 
 
-def test_content_parts_render_like_llava_strings(tok):
-    t = get_template("vicuna_v1")
-    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-    plain = [{"role": "user", "content": "<image>\nWhat is it?"}]
+@pytest.mark.parametrize("name", ["vicuna_v1", "chatml", "tokenizer"])
+def test_content_parts_render_like_llava_strings(tok, name):
+    """A processor's apply_chat_template passes parts; the tokenizer's own template (SmolLM2's adds strings) too."""
+    t = get_template(name)
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "A circle."}]},
+             {"role": "user", "content": "And?"}]
+    plain = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A circle."},
+             {"role": "user", "content": "And?"}]
     assert render_text(t, tok, parts, True) == render_text(t, tok, plain, True)
+    assert t.jinja(t.jinja(tok.chat_template)) == t.jinja(tok.chat_template)  # saved and loaded again: unchanged
+
+
+def test_plain_jinja_renders_the_user_turn_as_its_images_as_training_does(tok):
+    """A stage-1 model's own chat template (HF, GGUF) drops the user's words, as `prepare_messages` does."""
+    t = get_template("plain")
+    asked = [{"role": "user", "content": [{"type": "text", "text": "Describe it."}, {"type": "image"}]}]
+    assert render_text(t, tok, asked, True) == render_text(t, tok, [{"role": "user", "content": IMAGE_TOKEN}], True)
+    assert render_text(t, tok, asked, True) == IMAGE_TOKEN
 
 
 @pytest.mark.parametrize("record,needle", [

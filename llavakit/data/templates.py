@@ -70,12 +70,26 @@ class ChatTemplate:
         return [s.replace("{eos_token}", eos_token or "") for s in self.stop if s.replace("{eos_token}", eos_token or "")]
 
     def jinja(self, tokenizer_template: str | None = None) -> str:
-        """The Jinja chat template for this format (the tokenizer's own for `tokenizer`)."""
+        """The Jinja chat template for this format (for `tokenizer`: the tokenizer's own, behind PARTS_TO_TEXT)."""
         if self.use_tokenizer_template:
             if not tokenizer_template:
                 raise ValueError(f"template {self.name!r} needs a tokenizer with a chat_template; this one has none")
-            return tokenizer_template
+            return tokenizer_template if tokenizer_template.startswith(PARTS_TO_TEXT) else PARTS_TO_TEXT + tokenizer_template
         return _build_jinja(self)
+
+
+PARTS_TO_TEXT = (
+    "{#- llavakit: list content (HF processors' parts) becomes text, an image '<image>\\n' -#}"
+    "{%- set ns = namespace(messages=[]) -%}{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}{%- set ns.messages = ns.messages + [m] -%}"
+    "{%- else -%}{%- set text = namespace(value='') -%}{%- for part in m['content'] -%}"
+    f"{{%- if part['type'] == 'image' -%}}{{%- set text.value = text.value + {json.dumps(IMAGE_TOKEN + chr(10))} -%}}"
+    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}{%- endif -%}{%- endfor -%}"
+    "{%- set ns.messages = ns.messages + [{'role': m['role'], 'content': text.value}] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set messages = ns.messages -%}"
+)
+"""Put before a tokenizer's own chat template (written for string content, as SmolLM2's is): a processor's
+`apply_chat_template` passes content as a list of parts. String content (llavakit's) passes through as it is."""
 
 
 def _lit(text: str) -> str:
@@ -112,7 +126,9 @@ def _build_jinja(t: ChatTemplate) -> str:
         f"{{%- if part['type'] == 'image' -%}}{{%- set ns.text = ns.text + {_lit(IMAGE_TOKEN + chr(10))} -%}}"
         "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
         "{%- endfor -%}{%- set content = ns.text -%}{%- endif -%}"
-        f"{{%- if message['role'] == 'user' -%}}{{{{- {_eos(user_before)} + content + {_eos(user_after)} -}}}}"
+        + (f"{{%- if message['role'] == 'user' -%}}{{%- set content = {_lit(IMAGE_TOKEN)} * content.count({_lit(IMAGE_TOKEN)}) -%}}{{%- endif -%}}"
+           if t.user_images_only else "")  # `plain`: the user turn is its images alone, as training renders it
+        + f"{{%- if message['role'] == 'user' -%}}{{{{- {_eos(user_before)} + content + {_eos(user_after)} -}}}}"
         f"{{%- elif message['role'] == 'assistant' -%}}{{{{- {_eos(t.assistant_prefix)} + {_eos(asst_before)} + content + {_eos(asst_after)} -}}}}"
         "{%- endif -%}{%- endfor -%}"
         f"{{%- if add_generation_prompt -%}}{{{{- {_eos(t.assistant_prefix)} -}}}}{{%- endif -%}}"

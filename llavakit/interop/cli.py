@@ -28,7 +28,8 @@ def _register_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lm", "--base", dest="lm", default=None,
                    help="base LM dir for stage-1 (mm_projector.bin) and LoRA dirs (the original's --model-base)")
     p.add_argument("--template", default=None,
-                   help="chat template to record (llava: default vicuna_v1; llava-hf: default the dir's own chat template)")
+                   help="chat template to record (llava: default vicuna_v1, plain for a stage-1 mm_projector.bin; "
+                        "llava-hf: default the dir's own chat template)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="weight dtype of the output (llava only; default: that of the checkpoint's LM weights)")
     p.set_defaults(func=run_convert)
@@ -54,7 +55,7 @@ def run_convert(args: argparse.Namespace) -> int:
         from llavakit.interop.convert import ConvertConfig, convert_llava
 
         cfg = ConvertConfig(src=args.src, out=args.out, vision=args.vision, lm=args.lm,
-                            template=args.template or "vicuna_v1", dtype=args.dtype)
+                            template=args.template, dtype=args.dtype)
         out = convert_llava(cfg)
     else:
         from llavakit.interop.hf import import_hf

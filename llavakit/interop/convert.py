@@ -28,14 +28,16 @@ class ConvertConfig:
     """Vision tower dir or hub id; default: the checkpoint's mm_vision_tower."""
     lm: str | None = None
     """Base LM dir for stage-1 and LoRA dirs (the original's --model_base)."""
-    template: str = "vicuna_v1"
+    template: str | None = None
+    """Chat template to record; default `plain` for a stage-1 projector (how it was trained), else vicuna_v1."""
     dtype: str = "auto"
     """'auto' keeps the dtype of the checkpoint's LM weights."""
 
     def __post_init__(self) -> None:
         from llavakit.data.templates import get_template
 
-        get_template(self.template)
+        if self.template is not None:
+            get_template(self.template)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not Path(self.src).is_dir():
@@ -184,7 +186,7 @@ def convert_llava(cfg: ConvertConfig) -> Path:
 
     from llavakit.data.templates import IMAGE_TOKEN, get_template
     from llavakit.interop.legacy import read_config
-    from llavakit.model.build import add_tokens, image_processor_for, load_vision
+    from llavakit.model.build import add_tokens, check_tower_settings, image_processor_for, load_vision
     from llavakit.model.io import save_model
     from llavakit.model.modeling import LlavakitMeta
 
@@ -197,7 +199,8 @@ def convert_llava(cfg: ConvertConfig) -> Path:
         raise ValueError(f"{legacy.path} names no mm_vision_tower: pass --vision")
     vision, has_cls = load_vision(vision_src)
     _check_vision(legacy, vision.config, vision_src)
-    template = get_template(cfg.template)
+    check_tower_settings(vision.config, has_cls, legacy.strategy, legacy.select_layer, f"{legacy.path} with tower {vision_src}")
+    template = get_template(cfg.template or ("plain" if layout == "stage1" else "vicuna_v1"))
     tokenizer = load_tokenizer(src, cfg.lm)
     add_tokens(tokenizer, template)
     weights.lm = grow_vocab(weights.lm, len(tokenizer))

@@ -15,7 +15,6 @@ processor and chat template.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -73,6 +72,7 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
     """A clean llava-hf dir: canonical weight names, processor, tokenizer and chat template."""
     from safetensors.torch import save_file
 
+    from llavakit.fsutil import swap_dir
     from llavakit.model.io import has_cls_token, save_model
 
     lm = load_any(src)
@@ -89,9 +89,7 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
         for f in list(written.glob("model*.safetensors")) + list(written.glob("model.safetensors.index.json")):
             f.unlink()
         save_file(canonical_state(lm.model), written / "model.safetensors", metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(written, out)
+        swap_dir(written, out)  # the old export stays on disk until the new one is in place
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out

@@ -67,6 +67,17 @@ def load_vision(source: str):
     return getattr(transformers, cls_name).from_pretrained(source), has_cls
 
 
+def check_tower_settings(vc, has_cls: bool, strategy: str, layer: int, what: str) -> None:
+    """A feature layer the tower has, and `default` (drop the first token) only for a tower with a CLS token."""
+    n = vc.num_hidden_layers
+    if not -n - 1 <= layer <= n:
+        raise ValueError(f"{what}: vision feature layer {layer} is outside the tower's {n} layers "
+                         f"(its hidden states are -{n + 1}..{n}; LLaVA reads -2)")
+    if strategy == "default" and not has_cls:
+        raise ValueError(f"{what}: select strategy 'default' drops a CLS token, and this tower ({vc.model_type}) has "
+                         "none: use 'full' (every patch token)")
+
+
 def image_processor_for(source: str, vision_config, pad: bool):
     """LLaVA's image processor with the encoder's own size/crop/mean/std (pad to square if asked)."""
     from transformers import AutoImageProcessor
@@ -109,6 +120,7 @@ def init_model(cfg: InitConfig) -> Path:
     template = get_template(cfg.template)
     vision, has_cls = load_vision(cfg.vision)
     strategy = cfg.select_strategy or ("default" if has_cls else "full")
+    check_tower_settings(vision.config, has_cls, strategy, cfg.vision_feature_layer, f"--vision {cfg.vision}")
     lm_path = resolve_lm(cfg.lm)
     tokenizer = AutoTokenizer.from_pretrained(lm_path)
     lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=torch.float32)

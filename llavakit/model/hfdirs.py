@@ -36,6 +36,28 @@ def model_dir(path: str | Path) -> Path:
     return path
 
 
+NOT_LLAVA = {
+    "llava_next": "LLaVA-NeXT (anyres tiling, image_newline) is not supported; llavakit reads LLaVA-1.5-style `llava` dirs",
+    "llava_onevision": "LLaVA-OneVision (anyres tiling) is not supported; llavakit reads LLaVA-1.5-style `llava` dirs",
+    "llava_next_video": "LLaVA-NeXT-Video is not supported; llavakit reads LLaVA-1.5-style `llava` dirs",
+    "llava_llama": "an original LLaVA checkpoint: convert it with `llavakit convert --from llava`",
+}
+"""model_type -> why a dir of that type is refused (transformers would read it into LlavaConfig with a warning)."""
+
+
+def check_llava_config(path: Path) -> None:
+    """A llava-hf dir: model_type `llava` with a vision tower llavakit knows; else a ValueError saying what it is."""
+    from llavakit.model.build import VISION_TOWERS
+
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    kind = config.get("model_type")
+    if kind != "llava":
+        raise ValueError(f"{path}: model_type {kind!r}: " + NOT_LLAVA.get(kind, "not a llava model dir"))
+    tower = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    if tower not in VISION_TOWERS:
+        raise ValueError(f"{path}: vision tower {tower!r} is not supported; known: {', '.join(VISION_TOWERS)}")
+
+
 def load_processors(path: Path):
     """(tokenizer, image processor) of a model dir; FileNotFoundError naming the dir and the part that is missing.
 
@@ -172,6 +194,7 @@ def load_hf_dir(path: str | Path, template: str | None = None, *, dtype: str = "
     from llavakit.model.io import LoadedModel
 
     path = model_dir(path)
+    check_llava_config(path)
     tokenizer, image_processor = load_processors(path)
     meta = infer_meta(path, tokenizer, image_processor, template)
     model = load_weights(path, getattr(torch, dtype))

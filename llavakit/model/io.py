@@ -49,8 +49,11 @@ def build_processor(tokenizer, image_processor, config, template: ChatTemplate, 
 
 def save_model(model, tokenizer, image_processor, out: str | Path, *, has_cls: bool) -> Path:
     """Write atomically: into a temp dir beside `out`, then swapped in (llavakit/fsutil.py)."""
+    from llavakit import __version__
+
     out = Path(out)
     meta = LlavakitMeta.from_config(model.config)
+    model.config.llavakit = {**model.config.llavakit, "version": __version__}
     template = ChatTemplate.from_dict(meta.template)
     tokenizer.chat_template = template.jinja(tokenizer.chat_template)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ class LlavakitMeta:
     history: list = field(default_factory=list)
     """Earlier stages' records (config summaries), oldest first."""
     version: str = ""
+    """The llavakit version that wrote the dir (set by `save_model`)."""
 
     def __post_init__(self) -> None:
         if self.projector_type not in PROJECTORS:

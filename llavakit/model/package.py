@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+
+from llavakit.fsutil import swap_dir
 
 MANIFEST = "manifest.json"
 DONE = ".materialized.json"
@@ -113,9 +115,7 @@ def write_package(instruct_dir: Path, out: Path, *, base_lm: str, base_lm_dir: P
             "recipe": recipe, **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        swap_dir(tmp, out)  # the old package stays on disk until the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,9 +171,33 @@ def materialize(package: Path, *, name: str = "default", target: Path | None = N
     package = Path(package)
     manifest = read_manifest(package)
     target = Path(target) if target else default_target(package, manifest, name)
-    done = target / DONE
-    if done.is_file() and json.loads(done.read_text()).get("package_id") == package_id(manifest):
+    if _built(target, manifest):
         return target
+    with _exclusive(_parent(target) / f".{target.name}.lock"):  # two first uses: one builds, the other waits
+        if _built(target, manifest):
+            return target
+        return _materialize(package, manifest, target, base_lm_dir, say)
+
+
+def _built(target: Path, manifest: dict) -> bool:
+    done = target / DONE
+    return done.is_file() and json.loads(done.read_text()).get("package_id") == package_id(manifest)
+
+
+@contextmanager
+def _exclusive(lock: Path):
+    """An exclusive flock on `lock` (released by the kernel if the process dies)."""
+    import fcntl
+
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _materialize(package: Path, manifest: dict, target: Path, base_lm_dir: Path | None, say) -> Path:
     t0 = time.perf_counter()
     say(f"checking {len(manifest['files'])} shipped files against {package / MANIFEST}")
     verify_files(package, manifest)
@@ -201,9 +225,7 @@ def materialize(package: Path, *, name: str = "default", target: Path | None = N
             raise PackageError(f"the model rebuilt from {package} differs from the trained one (tensor digest mismatch)")
         (built / DONE).write_text(json.dumps({"package_id": package_id(manifest), "package": str(package.resolve()),
                                               "seconds": time.perf_counter() - t0}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(built, target)
+        swap_dir(built, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"materialised in {time.perf_counter() - t0:.0f} s")
