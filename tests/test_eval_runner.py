@@ -64,6 +64,17 @@ def test_resume_skips_finished_questions(tmp_path):
     assert "# pope — m1" in md and "| random |" in md and "| f1 |" in md
 
 
+def test_answers_to_questions_asked_otherwise_are_not_reused(tmp_path):
+    """A benchmark that changed under the same ids (another prompt): resuming would score old answers."""
+    out = tmp_path / "run"
+    evaluate("pope", FIX / "pope", Counting(), out, batch_size=5, model_id="m1")
+    lines = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    lines[3]["prompt"] = lines[3]["prompt"].replace("Is there", "Was there")
+    (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(EvalError, match=rf"answers question {lines[3]['question_id']!r} as it was asked before"):
+        evaluate("pope", FIX / "pope", Counting(), out, batch_size=5, model_id="m1")
+
+
 def test_other_model_answers_are_not_reused(tmp_path):
     evaluate("pope", FIX / "pope", Counting(), tmp_path, batch_size=4, model_id="m1")
     with pytest.raises(EvalError, match="answers of model 'm1', not 'm2'"):

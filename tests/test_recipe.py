@@ -7,6 +7,7 @@ The end-to-end tests train tiny models for real (about 1-2 minutes on 2 cores): 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,33 @@ def test_recipe_rejects_unknown_keys_and_shared_seeds():
     with pytest.raises(RecipeError, match="own seed"):
         load_recipe(data={"encoder": {"reuse": "x"}, "world": {"splits": {"train": {"num_images": 2, "seed": 0},
                                                                            "test": {"num_images": 2, "seed": 0}}}})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.vqa.core.questions_per_imag=5", "data.vqa.core.questions_per_imag: unknown"),
+    ("data.vqa.core.mc_per_image=-1", "data.vqa.core.mc_per_image: expected an integer >= 0, got -1"),
+    ("data.vqa.general=null", "data.vqa.general: expected a mapping"),
+    ("eval.batch_size=abc", "eval.batch_size: expected an integer >= 1, got 'abc'"),
+    ("eval.images=0", "eval.images: expected an integer >= 1, got 0"),
+    ("eval.describe=maybe", "eval.describe: expected true or false"),
+])
+def test_recipe_values_are_checked_before_any_work_naming_the_key(override, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(Path(__file__).resolve().parents[1] / "configs" / "default" / "recipe.yaml", [override])
+
+
+def test_eval_images_keeps_the_first_scenes(tmp_path):
+    from llavakit.recipe.evaluate import build_benchmark
+    from llavakit.world.config import WorldConfig
+    from llavakit.world.generate import generate_world
+
+    world = tmp_path / "w"
+    generate_world(WorldConfig(out=str(world), num_images=5, seed=3, split="test"))
+    whole = build_benchmark(world, tmp_path / "all.json", 0, 1, True)
+    two = build_benchmark(world, tmp_path / "two.json", 0, 1, True, images=2)
+    asked = {q["image"] for q in json.loads((tmp_path / "two.json").read_text())["questions"]}
+    assert whole["scenes"] == 5 and two["scenes"] == 2 and len(asked) == 2
+    assert sum(two["questions"].values()) < sum(whole["questions"].values())
 
 
 def test_recipe_ground_step_settings_are_checked():

@@ -19,7 +19,7 @@ from llavakit.eval.report import write_reports
 ANSWERS_FILE = "answers.jsonl"
 
 
-def load_answers(path: Path, model_id: str | None = None) -> dict[QuestionId, str]:
+def load_answers(path: Path, model_id: str | None = None, prompts: dict | None = None) -> dict[QuestionId, str]:
     """Answers already in `path` (question id -> text).
 
     A final line cut short by a crash is removed from the file; any other bad line is an error.
@@ -46,6 +46,8 @@ def load_answers(path: Path, model_id: str | None = None) -> dict[QuestionId, st
                 f"{path} holds answers of model {row.get('model_id')!r}, not {model_id!r}; use another --out directory"
             )
         answers[qid] = text
+        if prompts is not None and "prompt" in row:
+            prompts[qid] = row["prompt"]
     return answers
 
 
@@ -130,7 +132,13 @@ def evaluate(
         raise EvalError(f"{bench.name}: no questions in {data_path}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    answers = load_answers(out / ANSWERS_FILE, model_id)
+    asked: dict[QuestionId, str] = {}
+    answers = load_answers(out / ANSWERS_FILE, model_id, asked)
+    changed = next((it for it in items if it.question_id in asked and asked[it.question_id] != it.prompt), None)
+    if changed is not None:  # a changed benchmark: those answers are to other questions
+        raise EvalError(f"{out / ANSWERS_FILE} answers question {changed.question_id!r} as it was asked before "
+                        f"({asked[changed.question_id]!r:.80}), not as it is now ({changed.prompt!r:.80}); "
+                        "use another --out or delete the file")
     pending = [it for it in items if it.question_id not in answers]
     if log:
         log(f"{bench.name}: {len(items)} questions, {len(items) - len(pending)} already answered")

@@ -212,7 +212,8 @@ def build_shared_benchmark(base: Recipe, path: Path) -> dict[str, Any]:
 
     c = base.cfg["eval"]
     file = path / "offline.json"
-    built = build_benchmark(base.world_dir(c["split"]), file, int(c["seed"]), int(c["pope_per_image"]), bool(c["describe"]))
+    built = build_benchmark(base.world_dir(c["split"]), file, int(c["seed"]), int(c["pope_per_image"]), bool(c["describe"]),
+                            images=c.get("images"))
     base.say(f"benchmark {file}: {built['scenes']} held-out scenes, questions {built['questions']}")
     return {"file": file, "sha256": sha256_file(file), "scenes": built["scenes"], "questions": built["questions"]}
 

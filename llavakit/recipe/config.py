@@ -174,6 +174,20 @@ def ablation_variants(items: Any) -> list[str]:
 
 
 def check(cfg: dict) -> None:
+    """Every recipe setting validated before any work, the culprit named (one function per section)."""
+    _check_world(cfg)
+    _check_ground(cfg)
+    _check_replay(cfg)
+    enc = cfg["encoder"]
+    if not enc["reuse"] and not enc["config"] and not enc["overrides"]:
+        raise RecipeError("encoder: set reuse (a trained CLIP dir) and/or config (how to train one)")
+    _check_data(cfg)
+    if cfg["ablations"]["out"] is not None and not isinstance(cfg["ablations"]["out"], str):
+        raise RecipeError(f"ablations.out: expected a path, got {cfg['ablations']['out']!r}")
+    _check_eval(cfg)
+
+
+def _check_world(cfg: dict) -> None:
     splits = cfg["world"]["splits"]
     if "train" not in splits:
         raise RecipeError("world.splits: needs a 'train' split")
@@ -187,52 +201,87 @@ def check(cfg: dict) -> None:
     seeds = [(s["seed"], n) for n, s in splits.items()]
     if len({s for s, _ in seeds}) != len(seeds):
         raise RecipeError("world.splits: every split needs its own seed (held-out scenes)")
-    ground = cfg["ground"]
-    if ground["world"] is not None:
-        if not isinstance(ground["world"], dict) or int(ground["world"].get("num_images", 0)) < 1 or "seed" not in ground["world"]:
-            raise RecipeError("ground.world: needs num_images >= 1 and seed (or null: no ground step)")
-        if ground["world"]["seed"] in {s["seed"] for s in splits.values()}:
-            raise RecipeError("ground.world.seed: must differ from every world.splits seed (other scenes)")
-        import dataclasses
 
-        from llavakit.world.config import WorldConfig
 
-        known = {f.name for f in dataclasses.fields(WorldConfig)} - {"out", "split"}
-        for key in ground["world"]:
-            if key not in known:
-                raise RecipeError(f"ground.world.{key}: not a world setting (known: {', '.join(sorted(known))})")
-        from llavakit.datagen.grounding import ATTRIBUTES
+def _check_ground(cfg: dict) -> None:
+    ground, splits = cfg["ground"], cfg["world"]["splits"]
+    if ground["world"] is None:
+        return
+    if not isinstance(ground["world"], dict) or int(ground["world"].get("num_images", 0)) < 1 or "seed" not in ground["world"]:
+        raise RecipeError("ground.world: needs num_images >= 1 and seed (or null: no ground step)")
+    if ground["world"]["seed"] in {s["seed"] for s in splits.values()}:
+        raise RecipeError("ground.world.seed: must differ from every world.splits seed (other scenes)")
+    import dataclasses
 
-        attrs = ground["attributes"]
-        if not attrs or any(a not in ATTRIBUTES for a in attrs) or len(set(attrs)) != len(attrs):
-            raise RecipeError(f"ground.attributes {attrs!r}: each at most once; known are {', '.join(ATTRIBUTES)}")
-        instruct = cfg["instruct"]["train"]
-        if not instruct.get("lora", {}).get("enabled"):
-            raise RecipeError("ground: instruct goes on training the ground step's LoRA adapter; "
-                              "set instruct.train.lora.enabled")
-        # instruct loads ground's adapter, so its shape comes from instruct.train alone
-        lora = ground["train"].get("lora") or {}
-        shaping = [f"lora.{k}" for k in ("enabled", "r", "alpha", "dropout", "target_modules") if k in lora]
-        shaping += ["train_vision"] if "train_vision" in ground["train"] else []
-        if shaping:
-            raise RecipeError(f"ground.train.{shaping[0]}: set it in instruct.train only "
-                              "(instruct goes on training the ground step's adapter, which must have its shape)")
+    from llavakit.world.config import WorldConfig
+
+    known = {f.name for f in dataclasses.fields(WorldConfig)} - {"out", "split"}
+    for key in ground["world"]:
+        if key not in known:
+            raise RecipeError(f"ground.world.{key}: not a world setting (known: {', '.join(sorted(known))})")
+    from llavakit.datagen.grounding import ATTRIBUTES
+
+    attrs = ground["attributes"]
+    if not attrs or any(a not in ATTRIBUTES for a in attrs) or len(set(attrs)) != len(attrs):
+        raise RecipeError(f"ground.attributes {attrs!r}: each at most once; known are {', '.join(ATTRIBUTES)}")
+    if not cfg["instruct"]["train"].get("lora", {}).get("enabled"):
+        raise RecipeError("ground: instruct goes on training the ground step's LoRA adapter; "
+                          "set instruct.train.lora.enabled")
+    # instruct loads ground's adapter, so its shape comes from instruct.train alone
+    lora = ground["train"].get("lora") or {}
+    shaping = [f"lora.{k}" for k in ("enabled", "r", "alpha", "dropout", "target_modules") if k in lora]
+    shaping += ["train_vision"] if "train_vision" in ground["train"] else []
+    if shaping:
+        raise RecipeError(f"ground.train.{shaping[0]}: set it in instruct.train only "
+                          "(instruct goes on training the ground step's adapter, which must have its shape)")
+
+
+def _check_replay(cfg: dict) -> None:
     replay = cfg["instruct"]["replay_ground"]
     if isinstance(replay, bool) or not isinstance(replay, (int, float)) or not 0 <= replay < float("inf"):
         raise RecipeError(f"instruct.replay_ground: expected a mix ratio >= 0, got {replay!r}")
-    if replay > 0 and ground["world"] is None:
+    if replay > 0 and cfg["ground"]["world"] is None:
         raise RecipeError("instruct.replay_ground: needs a ground step (ground.world) whose records it replays")
-    enc = cfg["encoder"]
-    if not enc["reuse"] and not enc["config"] and not enc["overrides"]:
-        raise RecipeError("encoder: set reuse (a trained CLIP dir) and/or config (how to train one)")
+
+
+VQA_KEYS = {"questions_per_image": 0, "mc_per_image": 0}
+"""data.vqa.<name> integer settings (>= the value given); `types` is the third key."""
+
+
+def _check_data(cfg: dict) -> None:
+    for name, spec in (cfg["data"]["vqa"] or {}).items():
+        if not isinstance(spec, dict):
+            raise RecipeError(f"data.vqa.{name}: expected a mapping of questions_per_image, mc_per_image, types; "
+                              f"got {spec!r}")
+        for key, value in spec.items():
+            if key == "types":
+                if value is not None and (not isinstance(value, list) or not all(isinstance(t, str) for t in value)):
+                    raise RecipeError(f"data.vqa.{name}.types: expected a list of question types or null, got {value!r}")
+            elif key not in VQA_KEYS:
+                raise RecipeError(f"data.vqa.{name}.{key}: unknown (known: {', '.join([*VQA_KEYS, 'types'])})")
+            else:
+                _integer(value, f"data.vqa.{name}.{key}", VQA_KEYS[key])
     for source in cfg["data"]["mix"]:
         if source != "instruct" and not (source.startswith("vqa.") and source[4:] in cfg["data"]["vqa"]):
             raise RecipeError(f"data.mix.{source}: not a data source (instruct, or vqa.<name> of data.vqa)")
-    if cfg["ablations"]["out"] is not None and not isinstance(cfg["ablations"]["out"], str):
-        raise RecipeError(f"ablations.out: expected a path, got {cfg['ablations']['out']!r}")
-    for ablation in cfg["eval"]["ablations"]:
+
+
+def _check_eval(cfg: dict) -> None:
+    c = cfg["eval"]
+    for key, least in (("seed", 0), ("pope_per_image", 1), ("batch_size", 1)):
+        _integer(c[key], f"eval.{key}", least)
+    if c["images"] is not None:
+        _integer(c["images"], "eval.images", 1)
+    if not isinstance(c["describe"], bool):
+        raise RecipeError(f"eval.describe: expected true or false, got {c['describe']!r}")
+    for ablation in c["ablations"]:
         if ablation not in ("blind", "paraphrased"):
             raise RecipeError(f"eval.ablations: unknown {ablation!r} (known: blind, paraphrased)")
+
+
+def _integer(value: Any, key: str, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise RecipeError(f"{key}: expected an integer >= {least}, got {value!r}")
 
 
 def digest(*parts: Any) -> str:

@@ -118,7 +118,7 @@ def make_world(out: Path, n: int, seed: int, options: dict | None = None) -> Pat
     if not options:  # no training world known: the CLI's world with all three backgrounds
         options["backgrounds"] = ("plain", "gradient", "noise")
     world = out / f"world-test-{seed}-{n}-{digest(options)[:8]}"
-    if not (world / "scenes.jsonl").is_file():
+    if not (world / "world.json").is_file():  # written last: a generation cut short is redone
         import shutil
 
         if world.exists():

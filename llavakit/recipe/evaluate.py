@@ -48,15 +48,23 @@ def blind_predict_fn(pipe, max_new_tokens: int | None = None):
     return predict
 
 
-def build_benchmark(world: Path, out_file: Path, seed: int, pope_per_image: int, describe: bool) -> dict:
+def build_benchmark(world: Path, out_file: Path, seed: int, pope_per_image: int, describe: bool,
+                    images: int | None = None) -> dict:
+    """The offline benchmark of `world`; without `describe` questions if asked, of its first `images` scenes only."""
+    from collections import Counter
+
     from llavakit.eval.offline import build_offline
 
     summary = build_offline(world, out_file, seed=seed, pope_per_image=pope_per_image)
-    if not describe:
-        doc = json.loads(out_file.read_text(encoding="utf-8"))
-        doc["questions"] = [q for q in doc["questions"] if q["task"] != "describe"]
-        out_file.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        summary["questions"].pop("describe", None)
+    if describe and images is None:
+        return summary
+    doc = json.loads(out_file.read_text(encoding="utf-8"))
+    kept = sorted({q["image"] for q in doc["questions"]})[:images]
+    doc["questions"] = [q for q in doc["questions"] if (describe or q["task"] != "describe") and q["image"] in kept]
+    out_file.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    summary["questions"] = dict(Counter(q["task"] for q in doc["questions"]))
+    if images is not None:
+        summary["scenes"] = len(kept)
     return summary
 
 
@@ -186,7 +194,8 @@ def run_evaluation(recipe, path: Path) -> dict:
     c = recipe.cfg["eval"]
     path.mkdir(parents=True, exist_ok=True)
     bench = path / "offline.json"
-    built = build_benchmark(recipe.world_dir(c["split"]), bench, int(c["seed"]), int(c["pope_per_image"]), bool(c["describe"]))
+    built = build_benchmark(recipe.world_dir(c["split"]), bench, int(c["seed"]), int(c["pope_per_image"]), bool(c["describe"]),
+                            images=c.get("images"))
     recipe.say(f"eval: benchmark {bench}: {built['scenes']} held-out scenes, questions {built['questions']}")
     model = recipe.results["instruct"].dir / "model"
     runs = run_benchmarks(model, bench, path, ablations=list(c["ablations"]), batch_size=int(c["batch_size"]),

@@ -156,7 +156,7 @@ class Recipe:
     def upstream(self, name: str) -> list[str]:
         deps = {"world": [], "data": ["world"], "encoder": ["world"], "init": ["encoder"], "align": ["init", "data"],
                 "ground": ["align"], "instruct": ["align", "data"] + ["ground"] * ("ground" in self.results),
-                "eval": ["instruct", "world"], "package": ["instruct", "init"]}
+                "eval": ["instruct", "world"], "package": ["instruct", "init", "eval"]}  # package: eval's table
         return [self.results[d].id for d in deps[name]]
 
     def step_hash(self, name: str) -> str:
