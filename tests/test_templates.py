@@ -103,6 +103,33 @@ def test_plain_drops_user_text_and_trains_caption(tok):
     assert all(label == IGNORE_INDEX for label in s.labels[:4])
 
 
+def test_plain_starts_with_bos_when_the_tokenizer_adds_one(tiny_parts):
+    """LLaVA's plain tokenizes `<image>caption\\n` with the tokenizer's own BOS (Llama, Vicuna); SmolLM2's adds none."""
+    from transformers import AutoTokenizer
+
+    from llavakit.model.build import add_tokens
+
+    with_bos = AutoTokenizer.from_pretrained(tiny_parts["llama"], add_bos_token=True)
+    add_tokens(with_bos, get_template("plain"))
+    s = render_record(CAPTION, with_bos, get_template("plain"), OPTS)
+    assert s.input_ids[0] == with_bos.bos_token_id and with_bos.decode(s.input_ids[1:]) == IMAGE_TOKEN * 4 + "A red circle.\n"
+    assert s.labels[0] == IGNORE_INDEX and trained_pieces(with_bos, s) == ["A red circle.\n"]
+    without = render_record(CAPTION, tok_without_bos(tiny_parts), get_template("plain"), OPTS)
+    assert len(without.input_ids) == len(s.input_ids) - 1  # no BOS: the tokenizer adds none
+    with pytest.raises(ValueError, match="bos must be true, false or"):
+        ChatTemplate.from_dict({**get_template("plain").to_dict(), "bos": "sometimes"})
+
+
+def tok_without_bos(tiny_parts):
+    from transformers import AutoTokenizer
+
+    from llavakit.model.build import add_tokens
+
+    t = AutoTokenizer.from_pretrained(tiny_parts["llama"])
+    add_tokens(t, get_template("plain"))
+    return t
+
+
 @pytest.mark.parametrize("name", ["vicuna_v1", "chatml", "tokenizer", "plain"])
 def test_text_only_record(tok, name):
     s = render_record(TEXT_ONLY, tok, get_template(name), OPTS)
@@ -225,7 +252,7 @@ def test_a_template_that_refuses_the_messages_raises_a_clear_error():
 
     from llavakit.data.render import TemplateRefused, render_text
 
-    template = SimpleNamespace(jinja=lambda _: "{% if messages[0]['role'] != 'user' %}"
+    template = SimpleNamespace(bos=False, jinja=lambda _: "{% if messages[0]['role'] != 'user' %}"
                                                "{{ raise_exception('Conversation roles must alternate') }}{% endif %}ok")
     tokenizer = SimpleNamespace(chat_template=None, bos_token="", eos_token="")
     assert render_text(template, tokenizer, [{"role": "user", "content": "hi"}], True) == "ok"

@@ -13,6 +13,7 @@ scatters the projected features into exactly those positions.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -78,7 +79,19 @@ def render_text(template: ChatTemplate, tokenizer, messages: list[dict], add_gen
         add_generation_prompt=add_generation_prompt,
         bos_token=tokenizer.bos_token or "",
         eos_token=tokenizer.eos_token or "",
+        add_bos_token=template.bos == "tokenizer" and adds_bos(tokenizer),
     )
+
+
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> adds_bos (asked per render)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token first by itself (Llama's and Vicuna's do, SmolLM2's does not)."""
+    if tokenizer not in _ADDS_BOS:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"] if tokenizer.bos_token_id is not None else []
+        _ADDS_BOS[tokenizer] = bool(ids) and ids[0] == tokenizer.bos_token_id
+    return _ADDS_BOS[tokenizer]
 
 
 def prepare_messages(conv: Conversation, template: ChatTemplate, image_seq_length: int) -> list[dict]:

@@ -34,8 +34,9 @@ class ChatTemplate:
     """What opens an assistant turn; it is also the generation prompt. Never trained."""
     assistant_format: str = "{content}"
     """The assistant turn after its prefix, end-of-turn included. Trained in full."""
-    bos: bool = False
-    """Start the conversation with the tokenizer's BOS token."""
+    bos: bool | str = False
+    """Start the conversation with the tokenizer's BOS token: always (true), never (false), or "tokenizer": when
+    the tokenizer adds one by itself (LLaVA's `plain` tokenizes with it: `<s><image>caption` for Llama)."""
     user_images_only: bool = False
     """Keep only the `<image>` markers of user turns (LLaVA's 'plain' stage-1 format)."""
     stop: tuple[str, ...] = ()
@@ -52,6 +53,8 @@ class ChatTemplate:
             for fname in ("user_format", "assistant_format"):
                 if "{content}" not in getattr(self, fname):
                     raise ValueError(f"template {self.name!r}: {fname} must contain '{{content}}'")
+        if self.bos not in (True, False, "tokenizer"):
+            raise ValueError(f"template {self.name!r}: bos must be true, false or \"tokenizer\", got {self.bos!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
 
@@ -108,6 +111,14 @@ def _eos(text: str) -> str:
     return " + eos_token + ".join(_lit(p) for p in parts)
 
 
+def _bos_jinja(bos: bool | str) -> str:
+    """`bos: "tokenizer"` reads `add_bos_token`, which llavakit's render passes; a processor does not, and its
+    tokenizer then adds the BOS itself when it tokenizes the text."""
+    if bos == "tokenizer":
+        return "{%- if add_bos_token is defined and add_bos_token -%}{{- bos_token -}}{%- endif -%}"
+    return "{{- bos_token -}}" if bos else ""
+
+
 def _build_jinja(t: ChatTemplate) -> str:
     sys_before, sys_after = _split(t.system_format, "system")
     user_before, user_after = _split(t.user_format, "content")
@@ -118,7 +129,7 @@ def _build_jinja(t: ChatTemplate) -> str:
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
         f"{{%- else -%}}{{%- set system = {_lit(t.system)} -%}}{{%- set loop_messages = messages -%}}{{%- endif -%}}"
-        + ("{{- bos_token -}}" if t.bos else "")
+        + _bos_jinja(t.bos)
         + (f"{{%- if system -%}}{{{{- {_eos(sys_before)} + system + {_eos(sys_after)} -}}}}{{%- endif -%}}" if t.system_format else "")
         + "{%- for message in loop_messages -%}"
         "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
