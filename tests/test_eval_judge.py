@@ -19,6 +19,7 @@ from llavakit.eval.judge import (
     ReviewRequest,
     build_prompt,
     cache_key,
+    judge_settings,
     load_rules,
     parse_scores,
 )
@@ -118,10 +119,13 @@ def test_prompt_has_every_part_and_the_category_rule():
         build_prompt(rules, replace(req, category="chart"))
 
 
-def test_cache_key_depends_on_model_question_and_answer():
-    base = cache_key("m", 1, "answer")
-    assert base == cache_key("m", 1, "answer")
-    assert len({base, cache_key("m2", 1, "answer"), cache_key("m", 2, "answer"), cache_key("m", 1, "other")}) == 4
+def test_cache_key_depends_on_model_question_answer_and_judge_settings():
+    base = cache_key("m", 1, "answer", ("http://a/v1", 0.2, 1024))
+    assert base == cache_key("m", 1, "answer", ("http://a/v1", 0.2, 1024))
+    others = [cache_key("m2", 1, "answer", ("http://a/v1", 0.2, 1024)), cache_key("m", 2, "answer", ("http://a/v1", 0.2, 1024)),
+              cache_key("m", 1, "other", ("http://a/v1", 0.2, 1024)), cache_key("m", 1, "answer", ("http://b/v1", 0.2, 1024)),
+              cache_key("m", 1, "answer", ("http://a/v1", 0.7, 1024))]
+    assert len({base, *others}) == 6
 
 
 # ---------------------------------------------------------------- LLaVA-Bench with the fake server
@@ -169,8 +173,9 @@ def test_failed_call_is_an_error_naming_the_question(server, tmp_path):
     with pytest.raises(JudgeError, match=r"question 2.*HTTP 500"):
         bench.score(bench.load(FIX / "llava_bench"), model_answers())
     assert len(server.requests) == 2 + 2  # two good reviews, then the failing one tried twice (1 retry)
-    assert not (cfg.cache_dir / f"{cache_key('judge-x', 2, model_answers()[2])}.json").exists()
-    assert (cfg.cache_dir / f"{cache_key('judge-x', 0, model_answers()[0])}.json").exists()
+    settings = judge_settings(cfg)
+    assert not (cfg.cache_dir / f"{cache_key('judge-x', 2, model_answers()[2], settings)}.json").exists()
+    assert (cfg.cache_dir / f"{cache_key('judge-x', 0, model_answers()[0], settings)}.json").exists()
 
 
 def test_unreadable_reply_is_an_error_and_not_cached(server, tmp_path):

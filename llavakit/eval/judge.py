@@ -129,9 +129,15 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def cache_key(judge_model: str, question_id: QuestionId, answer: str) -> str:
-    """The cache file stem for (judge model, question id, model answer)."""
-    return sha256(json.dumps([judge_model, str(question_id), sha256(answer)]))
+def cache_key(judge_model: str, question_id: QuestionId, answer: str, settings: tuple = ()) -> str:
+    """The cache file stem for (judge model, question id, model answer, the judge's endpoint and sampling)."""
+    return sha256(json.dumps([judge_model, str(question_id), sha256(answer), *settings]))
+
+
+def judge_settings(config: JudgeConfig) -> tuple:
+    """What besides the model decides a review: where it is served (another server's "gpt-4" is another judge)
+    and how it samples."""
+    return (config.url.rstrip("/"), config.temperature, config.max_tokens)
 
 
 class Judge:
@@ -161,7 +167,8 @@ class Judge:
     def review(self, req: ReviewRequest) -> Review:
         """Grades for one question, from the cache when it holds this exact review."""
         prompt = build_prompt(self.rules, req)
-        path = Path(self.config.cache_dir) / f"{cache_key(self.config.model, req.question_id, req.answer)}.json"
+        key = cache_key(self.config.model, req.question_id, req.answer, judge_settings(self.config))
+        path = Path(self.config.cache_dir) / f"{key}.json"
         cached = self._read_cache(path, sha256(prompt))
         if cached is not None:
             s1, s2 = parse_scores(cached, req.question_id)
