@@ -208,6 +208,9 @@ def test_mentions(vocab):
     assert find_mentions("a blue, medium-sized square and a dark green star", vocab) == [
         Mention("square", "blue"), Mention("star", "green")]  # fmt: skip
     assert find_mentions("Stars are bright. Starting now.", vocab) == [Mention("star", None)]
+    # the same object named again without its colour is not a second mention; another colour is
+    assert find_mentions("A red circle. The circle is big, and so is the blue circle.", vocab) == [
+        Mention("circle", "red"), Mention("circle", "blue")]  # fmt: skip
 
 
 def test_chair_by_hand(vocab):
@@ -254,6 +257,18 @@ def test_scores_perfect_and_all_yes(bench_file):
     assert yes["metrics"]["short_answer_accuracy"] == pytest.approx(100 * 3 / len(short))
     assert yes["breakdown"]["task"]["existence"] == {"accuracy": 50.0, "count": 6}
     assert yes["metrics"]["recall"] == 0.0 and yes["metrics"]["chair_i"] == 0.0
+
+
+def test_chair_counts_every_shape_the_world_can_draw(bench_file):
+    """A fixed word list (as CHAIR's COCO one): a hexagon is a hallucination though no scene of the benchmark has one."""
+    bench = get_benchmark("offline")
+    items = bench.load(bench_file)
+    drawn = {cat for it in items if it.category == "describe" for cat, _ in it.meta["objects"]}
+    assert "hexagon" not in drawn and "hexagon" not in items[0].meta.get("categories", [])
+    result = bench.score(items, {it.question_id: "There is a hexagon." if it.category == "describe" else "no"
+                                 for it in items})
+    describe = result["breakdown"]["describe"]["all"]
+    assert describe["mentions"] == describe["hallucinated"] == describe["count"] and result["metrics"]["chair_i"] == 100.0
 
 
 def test_short_answers_are_normalised(bench_file):

@@ -1,10 +1,12 @@
 """CHAIR-style hallucination scoring of free-text descriptions against a scene's objects.
 
-Mentions are read from the text with a closed vocabulary: the world's shape categories
-(singular and plural, plus a few synonyms such as "oval" for ellipse) and colour words. A
+Mentions are read from the text with a closed vocabulary: every shape category the world
+generator can draw (singular and plural, plus a few synonyms such as "oval" for ellipse; fixed,
+as CHAIR's COCO word list is, so "a hexagon" counts whatever the scenes hold) and colour words. A
 colour counts for a mention when it stands right before the shape word, possibly with size
 words in between ("a large red circle"). Within one description, mentions are deduplicated
-by (category, colour).
+by (category, colour), and a colourless mention of a category that also has a coloured one is
+the same object named again ("a red circle ... the circle"), not another mention.
 
 A mention is hallucinated when no scene object has its category (and its colour, if one was
 given). Over a set of descriptions:
@@ -102,7 +104,8 @@ def find_mentions(text: str, vocab: Vocabulary) -> list[Mention]:
                 break
         else:
             i += 1
-    return list(found)
+    coloured = {m.category for m in found if m.color is not None}
+    return [m for m in found if m.color is not None or m.category not in coloured]
 
 
 def _color_before(words: Sequence[str], start: int, vocab: Vocabulary) -> str | None:

@@ -341,7 +341,7 @@ class Offline:
             metrics["pope_f1"] = sum(r["f1"] for r in pope_rows.values()) / len(pope_rows)
         breakdown: dict[str, Any] = {"task": group_rows(short + mc), "pope": pope_rows}
         if captions:
-            vocab = Vocabulary.build(captions[0][0].meta["categories"], captions[0][0].meta["colors"])
+            vocab = chair_vocabulary(captions[0][0].meta["categories"], captions[0][0].meta["colors"])
             chair = chair_metrics([_caption_score(i, t, vocab) for i, t in captions])
             metrics.update(chair_i=chair["chair_i"], chair_s=chair["chair_s"], recall=chair["recall"])
             breakdown["describe"] = {"all": chair}
@@ -349,6 +349,14 @@ class Offline:
             raise EvalError("offline: no questions to score")
         primary = next(iter(metrics))
         return make_result(self.name, len(items), primary, metrics, {k: v for k, v in breakdown.items() if v})
+
+
+def chair_vocabulary(categories: Sequence[str], colors: Sequence[str]) -> Vocabulary:
+    """CHAIR's words: every shape and colour the world generator knows, whatever the benchmark's scenes hold (and
+    theirs, for worlds of other categories)."""
+    from llavakit.world.config import COLORS, SHAPES
+
+    return Vocabulary.build(sorted({*SHAPES, *categories}), sorted({*COLORS, *colors}))
 
 
 def _item(q: Mapping[str, Any], world: Path, vocab: Mapping[str, Any]) -> EvalItem:
