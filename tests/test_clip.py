@@ -54,8 +54,7 @@ def tiny_run(worlds, tmp_path_factory):
 
 
 def test_tiny_run_lowers_loss_and_probe_beats_chance(tiny_run):
-    result, cpu_seconds = tiny_run
-    assert cpu_seconds < 40
+    result, _ = tiny_run
     assert len(result.losses) == 80
     first, last = np.mean(result.losses[:8]), np.mean(result.losses[-8:])
     assert last < first - 0.4, (first, last)

@@ -216,9 +216,7 @@ def test_429_honours_retry_after(tmp_path, server):
 def test_timeouts_are_retried_then_counted_as_rejections_and_redone_on_rerun(tmp_path, server):
     server.script[1] = ["sleep:1.5", "ok"]
     server.script[3] = ["sleep:1.5", "sleep:1.5"]
-    t0 = time.monotonic()
     report, data, rejections = run(tmp_path, server, timeout=0.3, max_retries=1)
-    assert time.monotonic() - t0 < 3.0
     st = report.kinds["conversation"]
     assert (st.generated, st.rejected, st.rejected_cached) == (2, 1, 0)
     assert dict(st.reasons) == {"timeout": 1} and dict(st.retry_reasons) == {"timeout": 2}

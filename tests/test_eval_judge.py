@@ -165,6 +165,11 @@ def test_llava_bench_relative_scores_and_cache(server, tmp_path, monkeypatch):
     assert len(server.requests) == 4
     assert "A different answer." in server.requests[3]["body"]["messages"][1]["content"]
 
+    warmer = replace(bench, judge=config(server, tmp_path, temperature=0.7))  # the same judge model, sampled otherwise
+    assert warmer.score(items, model_answers())["details"]["judge_calls"] == 3 and len(server.requests) == 7
+    elsewhere = replace(bench, judge=replace(config(server, tmp_path), url=config(server, tmp_path).url + "/"))
+    assert elsewhere.score(items, model_answers())["details"]["judge_calls"] == 0  # a trailing slash is the same server
+
 
 def test_failed_call_is_an_error_naming_the_question(server, tmp_path):
     server.mode = "http500"

@@ -132,10 +132,10 @@ def test_transformers_generate_matches_llavakit(tiny_model_dir):
 
 
 def test_transformers_generate_matches_infer_pipeline(tiny_model_dir):
-    api = pytest.importorskip("llavakit.infer.api")
+    from llavakit.infer.api import load_pipeline
     from llavakit.infer.params import SamplingParams
 
-    pipe = api.load_pipeline(tiny_model_dir, fast=False)
+    pipe = load_pipeline(tiny_model_dir, fast=False)
     image = sample_image()
     _, hf_new = hf_generate(tiny_model_dir, image)
     done = pipe.complete([([image], f"{IMAGE_TOKEN}\n{QUESTION}")], SamplingParams(max_new_tokens=MAX_NEW))[0]

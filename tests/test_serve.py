@@ -191,6 +191,22 @@ def test_bad_requests_get_clear_4xx(server, body, status, needle):
     assert needle in r.json()["error"]["message"]
 
 
+def test_fields_llavakit_ignores_are_accepted_and_max_completion_tokens_is_honoured(server):
+    """docs/inference.md: tools, response_format, logprobs, penalties ... are accepted and ignored; a tool message
+    is refused; max_completion_tokens caps the answer as max_tokens does."""
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 6}
+    plain = _post(server, base).json()["choices"][0]["message"]["content"]
+    extras = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "none",
+              "response_format": {"type": "text"}, "logprobs": False, "frequency_penalty": 0.5, "presence_penalty": 0.5,
+              "logit_bias": {"1": 5}, "user": "someone"}
+    r = _post(server, {**base, **extras})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == plain
+    capped = _post(server, {**{k: v for k, v in base.items() if k != "max_tokens"}, "max_completion_tokens": 2}).json()
+    assert capped["usage"]["completion_tokens"] <= 2
+    tool = _post(server, {**base, "messages": [{"role": "tool", "content": "42"}, {"role": "user", "content": "hi"}]})
+    assert tool.status_code == 400 and "messages[0].role" in tool.json()["error"]["message"]
+
+
 def test_error_param_names_the_field_and_developer_is_system(server, ref):
     assert _post(server, {**_user(TEXT), "temperature": 1e-9}).json()["error"]["param"] == "temperature"
     assert _post(server, {**_user(TEXT), "min_tokens": 9}).json()["error"]["param"] == "min_tokens"
@@ -226,15 +242,48 @@ class GatedEngine:
     """The real engine, but each batch waits for `gate` first: lets a test fill the queue deterministically."""
 
     def __init__(self, engine):
-        self.engine, self.gate, self.entered = engine, threading.Event(), threading.Event()
+        self.engine, self.gate, self.entered, self.rows = engine, threading.Event(), threading.Event(), []
 
     def run(self, rows, **kw):
+        self.rows += rows
         self.entered.set()
         self.gate.wait(30)
         yield from self.engine.run(rows, **kw)
 
 
-def test_full_queue_answers_503_and_recovers(tiny_model_dir):
+class FailingEngine:
+    """An engine whose every batch fails with a message that must not reach the client."""
+
+    def run(self, rows, **kw):
+        raise RuntimeError("/secret/path/to/weights is corrupt")
+        yield  # a generator, as the engine's run is
+
+
+def test_a_failing_batch_is_a_500_naming_only_the_exception_type(tiny_model_dir):
+    pipe = load_pipeline(tiny_model_dir, model_id="tiny")
+    pipe.engine = FailingEngine()
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    with running(create_app(pipe)) as url:
+        plain = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        streamed = httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60).text
+        assert httpx.get(url + "/health").json()["status"] == "ok"  # the server stays up
+    assert plain.status_code == 500 and "generation failed (RuntimeError)" in plain.json()["error"]["message"]
+    assert "generation failed (RuntimeError)" in streamed and streamed.rstrip().endswith("data: [DONE]")
+    assert "secret" not in plain.text and "secret" not in streamed
+
+
+def test_full_queue_answers_503_and_recovers(tiny_model_dir, monkeypatch):
+    """503 at once, before the request's images are read (make_job) or anything is queued."""
+    import llavakit.serve.app as app_module
+
+    built = []
+    real_make_job = app_module.make_job
+
+    async def make_job(req, pipeline, config):
+        built.append(req)
+        return await real_make_job(req, pipeline, config)
+
+    monkeypatch.setattr(app_module, "make_job", make_job)
     pipe = load_pipeline(tiny_model_dir, model_id="tiny")
     gated = GatedEngine(pipe.engine)
     pipe.engine = gated
@@ -250,12 +299,16 @@ def test_full_queue_answers_503_and_recovers(tiny_model_dir):
         third = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
         assert third.status_code == 503 and third.headers["retry-after"] == "1"
         assert "queue is full" in third.json()["error"]["message"]
+        assert len(built) == 2  # the third request's job (images, prompt) was never built
         gated.gate.set()
         assert first.result().status_code == 200 and second.result().status_code == 200
 
 
 def test_concurrent_requests_are_batched(tiny_model_dir, ref):
+    """The first request holds the model thread until the other three are queued: they join its batch."""
     pipe = load_pipeline(tiny_model_dir, model_id="tiny")
+    gated = GatedEngine(pipe.engine)
+    pipe.engine = gated
     questions = ["What is this?", "Describe the picture.", "How many objects are there?", "Is there a cat?"]
     images = [[RED], [], [BLUE], [RED, BLUE]]
 
@@ -263,8 +316,14 @@ def test_concurrent_requests_are_batched(tiny_model_dir, ref):
         body = {"model": "tiny", "messages": image_message(q, *ims), "temperature": 0, "max_tokens": 10}
         return httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
 
-    with running(create_app(pipe, ServeConfig(max_batch_size=8, batch_wait_ms=400))) as url, ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda qi: ask(url, *qi), zip(questions, images)))
+    with running(create_app(pipe, ServeConfig(max_batch_size=8, batch_wait_ms=5))) as url, ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ask, url, q, ims) for q, ims in zip(questions, images)]
+        assert gated.entered.wait(30)
+        deadline = time.monotonic() + 30
+        while len(gated.rows) + httpx.get(url + "/health").json()["queued"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        gated.gate.set()
+        answers = [f.result() for f in futures]
         health = httpx.get(url + "/health").json()
     assert health["max_batch_seen"] >= 3 and health["requests"] == 4
     assert answers == [expected(ref, q, ims, max_tokens=10) for q, ims in zip(questions, images)]
@@ -302,7 +361,10 @@ def test_client_leaving_a_non_streaming_request_cancels_its_row(tiny_model_dir):
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             assert gated.entered.wait(30)  # the worker holds the request; now hang up
-        time.sleep(1.0)  # the handler's poll (every 0.25 s) sees the disconnect
+        deadline = time.monotonic() + 30
+        while not gated.rows[0].cancelled() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the handler polls for the disconnect and cancels the row
+        assert gated.rows[0].cancelled()
         gated.gate.set()
         deadline = time.monotonic() + 30
         while httpx.get(url + "/health").json()["batches"] < 1 and time.monotonic() < deadline:

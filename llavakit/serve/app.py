@@ -23,7 +23,7 @@ from llavakit.infer.prompt import PromptError
 from llavakit.serve.images import ImageSources, ImageURLError, image_bytes
 from llavakit.serve.protocol import (APIError, ChatRequest, chunk_body, completion_body, completion_id,
                                      parse_request, to_messages, usage)
-from llavakit.serve.worker import BatchWorker, Job, QueueFullError
+from llavakit.serve.worker import BatchWorker, GenerationError, Job, QueueFullError
 
 
 @dataclass
@@ -223,6 +223,8 @@ async def _full_response(request, job: Job, model_id: str, worker: BatchWorker):
         async for piece, end in worker.results(job):
             text.append(piece)
             finish = end or finish
+    except GenerationError as exc:
+        raise APIError(500, str(exc), type_="server_error") from None
     finally:
         watch.cancel()
     body = completion_body(completion_id(), model_id, "".join(text), _finish(finish), job.prompt_tokens,
@@ -265,8 +267,12 @@ def _stream_response(req: ChatRequest, job: Job, model_id: str, worker: BatchWor
             if include_usage:
                 yield _sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_id,
                             "choices": [], "usage": usage(job.prompt_tokens, len(job.row.generated))})
-        except Exception as exc:  # noqa: BLE001 - reported in-band: the status line is already sent
+        except GenerationError as exc:  # reported in-band: the status line is already sent; the text is in the log
             yield _sse(APIError(500, str(exc), type_="server_error").body())
+        except Exception as exc:  # noqa: BLE001 - as above, for anything else
+            logging.getLogger("llavakit.serve").error("streaming failed", exc_info=exc)
+            yield _sse(APIError(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                                type_="server_error").body())
         yield "data: [DONE]\n\n"
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

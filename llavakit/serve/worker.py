@@ -15,6 +15,7 @@ cancelled and leaves the batch at the next step.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -30,6 +31,14 @@ GATHER_WINDOWS = 8
 
 class QueueFullError(Exception):
     """The request queue is at capacity."""
+
+
+class GenerationError(RuntimeError):
+    """A batch failed on the model thread; `kind` is the original exception's type (its text goes to the log)."""
+
+    def __init__(self, kind: str):
+        super().__init__(f"generation failed ({kind}); the server log has the details")
+        self.kind = kind
 
 
 @dataclass
@@ -167,9 +176,10 @@ class BatchWorker:
                     if ev.finish is not None:
                         finished.add(ev.row)
         except Exception as exc:  # noqa: BLE001 - the worker must survive any batch
+            logging.getLogger("llavakit.serve").error("a batch of %d request(s) failed", len(jobs), exc_info=exc)
             for i, job in enumerate(jobs):
                 if i not in finished:
-                    self._post(job, RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+                    self._post(job, GenerationError(type(exc).__name__))
         self._record(jobs, peak, time.perf_counter() - t0)
 
     def _record(self, jobs: list[Job], peak: int, seconds: float) -> None:
