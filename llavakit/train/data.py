@@ -2,8 +2,8 @@
 
 1. `build_index` renders every record once (the one render function, in DataLoader workers) to
    learn its exact length and check it — bad `<image>` counts, over-long records, missing image
-   files or ones whose header is not an image's. Nothing but the lengths (and which records `data.truncate` cut) is kept; samples are
-   rendered again, lazily, when batched.
+   files or ones whose header is not an image's. Nothing but the lengths (and which records
+   `data.truncate` cut) is kept; samples are rendered again, lazily, when batched.
 2. `plan_epoch` shuffles (seeded by epoch) and groups records of one modality and similar length
    into global batches; `rank_micro_batches` cuts each global batch into the micro-batches of one
    process. The plan is a pure function of (seed, epoch), so a resumed run skips to the same place.

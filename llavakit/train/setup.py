@@ -394,7 +394,7 @@ def restore(run: Run, path: Path) -> None:
                          f"{run.accelerator.num_processes}: resume on as many (how each global batch is split over "
                          "processes and accumulation steps depends on it)")
     run.accelerator.load_state(str(path))
-    run.state = RunState(**saved)
+    run.state = RunState(**{**saved, "processes": run.accelerator.num_processes})  # also for checkpoints before it was kept
     if run.state.data_fingerprint != fingerprint(run.train_index):
         raise ValueError(f"--resume: the training data changed since {path} (different usable records or lengths)")
     run.resumed_from = run.state.step
