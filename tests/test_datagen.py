@@ -907,21 +907,16 @@ def test_grounding_records_ask_every_single_object_scene_the_same_questions(tmp_
 
 def test_grounding_records_of_several_objects_ask_what_only_the_image_tells(tmp_path):
     """color_of / shape_of name only objects unique by shape / colour; count; exists asks first, of a present or an
-    absent shape (from the world's shapes), fixed per scene, and of a single object too."""
+    absent shape (from the world's shapes), fixed per scene; single-object questions skip these scenes."""
     from llavakit.datagen.grounding import grounding_records
 
     world = _scenes_world(tmp_path, [
         [("circle", "red"), ("circle", "blue"), ("star", "red")],   # circle twice, red twice
-        [("heart", "green")],                                    # one object: exists only
+        [("heart", "green")],                                    # one object: none of these attributes
         [("star", "blue"), ("heart", "yellow")],
     ])
     records, left_out = grounding_records(world, ("color_of", "shape_of", "count", "exists"))
-    assert left_out == 0 and [r["id"] for r in records] == ["train-0", "train-1", "train-2"]
-    single = records.pop(1)
-    assert single["provenance"]["qtypes"] == ["exists"]
-    asked = single["conversations"][0]["value"].split("Is there a ")[1].split(" in")[0]
-    assert single["conversations"][1]["value"] == ("yes" if asked == "heart" else "no") and asked in {"circle", "star", "heart"}
-    assert grounding_records(world, ("color_of", "shape_of", "count"))[1] == 1  # the others skip one-object scenes
+    assert left_out == 1 and [r["id"] for r in records] == ["train-0", "train-2"]
     first = dict(zip([t["value"].removeprefix("<image>\n") for t in records[0]["conversations"][::2]],
                      [t["value"] for t in records[0]["conversations"][1::2]]))
     assert first["What color is the star? Answer with one word."] == "red"
@@ -940,7 +935,7 @@ def test_grounding_records_of_several_objects_ask_what_only_the_image_tells(tmp_
         present = shape in {"circle", "star"} if rec["id"] == "train-0" else shape in {"star", "heart"}
         assert turns[1]["value"] == ("yes" if present else "no")
     again, _ = grounding_records(world, ("color_of", "shape_of", "count", "exists"))
-    assert again == records[:1] + [single] + records[1:]
+    assert again == records
     clipart = _scenes_world(tmp_path / "clipart", [[("cat", None), ("star", "blue")], [("dog", None)]])
     recs, _ = grounding_records(clipart, ("color", "shape", "color_of", "shape_of", "count"))
     assert [[t["value"] for t in r["conversations"][::2]] for r in recs] == [
@@ -948,7 +943,7 @@ def test_grounding_records_of_several_objects_ask_what_only_the_image_tells(tmp_
         ["<image>\nWhat shape is it? Answer with one word."]]  # clip art has no colour: never asked one
     many = _scenes_world(tmp_path / "many", [[("circle", "red"), ("star", "blue")]] * 60 + [[("heart", "red")]])
     answers = Counter(r["conversations"][1]["value"] for r in grounding_records(many, ("exists",))[0])
-    assert 18 <= answers["yes"] <= 42 and answers["yes"] + answers["no"] == 61, answers  # a coin per scene
+    assert 18 <= answers["yes"] <= 42 and answers["yes"] + answers["no"] == 60, answers  # a coin per scene
     assert grounding_records(world)[1] == 2  # color/shape: single-object scenes only
 
 

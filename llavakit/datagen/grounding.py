@@ -7,8 +7,7 @@ model first learns to read colour from these, and only then from the recipe's mi
 steps (docs/default-model.md, "Does the pipeline read images at all?"). The recipe's `ground` step
 trains on them before `instruct`.
 
-The other attributes ask of scenes with two or more objects (`exists` and `position` of one object too), in the
-same fixed wordings: the colour of
+The other attributes ask of scenes with two or more objects, in the same fixed wordings: the colour of
 an object whose shape is unique in its scene (`color_of`), the shape of one whose colour is (`shape_of`;
 each object is named by one of the two at most, as the one answer would give the other away), how many
 shapes there are (`count`), and whether a shape is there (`exists`: a shape that is there or, as often,
@@ -33,10 +32,9 @@ from pathlib import Path
 
 from llavakit.datagen.annotations import POSITIONS
 
-GROUNDING_VERSION = "3"
+GROUNDING_VERSION = "2"
 """Changes whenever the records of the same scenes change (the recipe's ground step hashes it). 2: count
-asked before any object is named; objects without a colour (clip art) asked only their shape. 3: `exists` asked
-of single-object scenes too."""
+asked before any object is named; objects without a colour (clip art) asked only their shape."""
 
 QA = tuple[str, str, int | None]
 """(question, answer, index of the object it names or None)."""
@@ -70,7 +68,7 @@ def _count(objects: list[dict], _: list[str], __: int) -> list[QA]:
 def _exists(objects: list[dict], shapes: list[str], pick: int) -> list[QA]:
     present = sorted({o["category"] for o in objects})
     absent = [s for s in shapes if s not in present]
-    if not objects or not absent:
+    if len(objects) < 2 or not absent:
         return []
     shape, answer = (present[pick // 2 % len(present)], "yes") if pick % 2 else (absent[pick // 2 % len(absent)], "no")
     return [(f"Is there a {shape} in the image? Answer yes or no.", answer, None)]
