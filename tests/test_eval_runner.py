@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -273,17 +274,14 @@ def test_bad_benchmark_files_name_the_file_and_question(tmp_path):
         get_benchmark("vqav2").load(vqa)
 
 
-def test_answers_file_lines_must_be_whole_answers(tmp_path):
+@pytest.mark.parametrize("lines, message", [
+    (['{"question_id": 1, "text": "yes"}', '{"question_id": 2, "text": null}'], "answers.jsonl:2: answer 'text' is NoneType"),
+    (['{"question_id": 1, "text": "yes"}', '{"question_id": 1, "text": "no"}'], "answers.jsonl:2: a second answer to question 1"),
+    (['{"question_id": 1, "text": "yes"}', '["not", "an", "object"]'], "answers.jsonl:2: expected a JSON object, got list"),
+    (['{"question_id": 1, "answer": "yes"}'], "answers.jsonl:1: no 'text' field"),
+])
+def test_answers_file_lines_must_be_whole_answers(tmp_path, lines, message):
     path = tmp_path / "answers.jsonl"
-    path.write_text('{"question_id": 1, "text": "yes"}\n{"question_id": 2, "text": null}\n')
-    with pytest.raises(EvalError, match=r"answers.jsonl:2: answer 'text' is NoneType, not a string"):
-        load_answers(path)
-    path.write_text('{"question_id": 1, "text": "yes"}\n{"question_id": 1, "text": "no"}\n')
-    with pytest.raises(EvalError, match=r"answers.jsonl:2: a second answer to question 1"):
-        load_answers(path)
-    path.write_text('{"question_id": 1, "text": "yes"}\n["not", "an", "object"]\n')
-    with pytest.raises(EvalError, match=r"answers.jsonl:2: expected a JSON object, got list"):
-        load_answers(path)
-    path.write_text('{"question_id": 1, "answer": "yes"}\n')
-    with pytest.raises(EvalError, match=r"answers.jsonl:1: no 'text' field"):
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(EvalError, match=re.escape(message)):
         load_answers(path)

@@ -9,6 +9,7 @@ and conversion of every mode (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, I;16, I, 
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,16 +109,26 @@ def _formats() -> tuple[str, ...]:
 
 def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = ImageLimits()):
     """Decode image bytes into an RGB PIL image, or raise `ImageError` naming `name`."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageError(f"{name}: {len(data)} bytes exceeds the limit of {limits.max_bytes}")
-    try:
+    with _pillow_errors(name, "corrupt or truncated image"):
         img = Image.open(io.BytesIO(data), formats=_formats())
         limits.check_size(*img.size, name)
         img.load()
+    return to_rgb(img, name)
+
+
+@contextmanager
+def _pillow_errors(name: str, broken: str):
+    """Pillow's ways of failing on bad bytes, as `ImageError`s naming `name` (`broken`: what a decode error means)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        yield
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -125,31 +136,22 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = Image
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
-    return to_rgb(img, name)
+        raise ImageError(f"{name}: {broken} ({exc})") from None
 
 
 def check_image_file(path: str | Path, limits: ImageLimits = ImageLimits()) -> None:
     """Header-only check of an image file (there, not empty, an accepted format, within the size caps): cheap
     enough for an index pass over every record. A file cut short after its header fails when it is decoded."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: image file not found")
-    try:
+    with _pillow_errors(str(path), "corrupt image header"):
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
         with Image.open(path, formats=_formats()) as img:
             limits.check_size(*img.size, str(path))
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image, or not one of the accepted formats ({', '.join(_formats())})") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{path}: corrupt image header ({exc})") from None
 
 
 def load_image(path: str | Path, limits: ImageLimits = ImageLimits()):
