@@ -157,18 +157,12 @@ def train_own(recipe, path: Path, wanted) -> dict:
 
 
 def resumable(recipe, out: Path, wanted) -> bool:
-    """Whether `out` holds an interrupted run of `wanted` that can go on from its checkpoint."""
-    from llavakit.fsutil import restore_dir
-    from llavakit.train.clip import CHECKPOINT_DIR, CONFIG_FILE, STATE_FILE, resume_diff
+    """Whether `out` (wanted.out) holds an interrupted run of `wanted` that can go on from its checkpoint."""
+    from llavakit.train.clip import checkpoint_mismatch
 
-    ckpt = out / CHECKPOINT_DIR
-    restore_dir(ckpt)  # a checkpoint swap the kill interrupted
-    if not (ckpt / STATE_FILE).is_file() or not (ckpt / CONFIG_FILE).is_file():
+    diff = checkpoint_mismatch(wanted)
+    if diff is None:
         return False
-    try:
-        diff = resume_diff(json.loads((ckpt / CONFIG_FILE).read_text(encoding="utf-8")), wanted)
-    except (ValueError, TypeError) as exc:  # a torn or foreign config
-        diff = [str(exc)]
     if diff:
         recipe.say(f"encoder: {out} holds an unfinished run with other settings ({', '.join(diff)}); starting again")
         return False

@@ -664,18 +664,30 @@ def resume_diff(saved: dict[str, Any], cfg: ClipTrainConfig) -> list[str]:
     return sorted(k for k in set(before) | set(now) if k not in free and before.get(k) != now.get(k))
 
 
-def read_state(cfg: ClipTrainConfig) -> dict:
-    """The state saved in cfg.out's checkpoint/, after checking that it was saved with cfg's settings."""
-    import torch
-
+def checkpoint_mismatch(cfg: ClipTrainConfig) -> list[str] | None:
+    """None when cfg.out holds no checkpoint; else the settings it was saved with that differ from cfg's (empty:
+    it can be resumed; a config that does not parse is one entry)."""
     from llavakit.fsutil import restore_dir
 
     ckpt = Path(cfg.out) / CHECKPOINT_DIR
     restore_dir(ckpt)  # a swap the kill interrupted
     if not (ckpt / STATE_FILE).is_file() or not (ckpt / CONFIG_FILE).is_file():
+        return None
+    try:
+        return resume_diff(json.loads((ckpt / CONFIG_FILE).read_text(encoding="utf-8")), cfg)
+    except (ValueError, TypeError) as exc:  # a torn or foreign config
+        return [f"{ckpt / CONFIG_FILE}: {exc}"]
+
+
+def read_state(cfg: ClipTrainConfig) -> dict:
+    """The state saved in cfg.out's checkpoint/, after checking that it was saved with cfg's settings."""
+    import torch
+
+    ckpt = Path(cfg.out) / CHECKPOINT_DIR
+    diff = checkpoint_mismatch(cfg)
+    if diff is None:
         raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from (the run stopped before its first one, "
                                 "or checkpoint_every was 0); train afresh into an empty --out")
-    diff = resume_diff(json.loads((ckpt / CONFIG_FILE).read_text(encoding="utf-8")), cfg)
     if diff:
         raise ClipConfigError(f"{ckpt} was saved with other settings ({', '.join(diff)}); resume with the same ones "
                               f"(only {', '.join(RUN_KEYS)} and snapshot_every may change)")
