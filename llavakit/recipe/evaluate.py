@@ -59,7 +59,7 @@ def build_benchmark(world: Path, out_file: Path, seed: int, pope_per_image: int,
     if describe and images is None:
         return summary
     doc = json.loads(out_file.read_text(encoding="utf-8"))
-    kept = sorted({q["image"] for q in doc["questions"]})[:images]
+    kept = set(sorted({q["image"] for q in doc["questions"]})[:images])
     doc["questions"] = [q for q in doc["questions"] if (describe or q["task"] != "describe") and q["image"] in kept]
     out_file.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     summary["questions"] = dict(Counter(q["task"] for q in doc["questions"]))
