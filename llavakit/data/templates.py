@@ -123,20 +123,16 @@ def _build_jinja(t: ChatTemplate) -> str:
     sys_before, sys_after = _split(t.system_format, "system")
     user_before, user_after = _split(t.user_format, "content")
     asst_before, asst_after = _split(t.assistant_format, "content")
-    # Content may be a string (LLaVA records) or a list of parts (HF processors): images
-    # become '<image>\n' in order, as in LLaVA's '<image>\nQuestion'.
+    # Content may be a string (LLaVA records) or a list of parts (HF processors): PARTS_TO_TEXT makes
+    # every message a string first, an image '<image>\n' in order, as in LLaVA's '<image>\nQuestion'.
     return (
-        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        PARTS_TO_TEXT
+        + "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
         f"{{%- else -%}}{{%- set system = {_lit(t.system)} -%}}{{%- set loop_messages = messages -%}}{{%- endif -%}}"
         + _bos_jinja(t.bos)
         + (f"{{%- if system -%}}{{{{- {_eos(sys_before)} + system + {_eos(sys_after)} -}}}}{{%- endif -%}}" if t.system_format else "")
-        + "{%- for message in loop_messages -%}"
-        "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
-        "{%- else -%}{%- set ns = namespace(text='') -%}{%- for part in message['content'] -%}"
-        f"{{%- if part['type'] == 'image' -%}}{{%- set ns.text = ns.text + {_lit(IMAGE_TOKEN + chr(10))} -%}}"
-        "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
-        "{%- endfor -%}{%- set content = ns.text -%}{%- endif -%}"
+        + "{%- for message in loop_messages -%}{%- set content = message['content'] -%}"
         + (f"{{%- if message['role'] == 'user' -%}}{{%- set content = {_lit(IMAGE_TOKEN)} * content.count({_lit(IMAGE_TOKEN)}) -%}}{{%- endif -%}}"
            if t.user_images_only else "")  # `plain`: the user turn is its images alone, as training renders it
         + f"{{%- if message['role'] == 'user' -%}}{{{{- {_eos(user_before)} + content + {_eos(user_after)} -}}}}"
