@@ -238,3 +238,25 @@ def test_init_refuses_a_feature_layer_the_tower_lacks_and_default_without_cls(ti
     with pytest.raises(ValueError, match=r"select strategy 'default' drops a CLS token, and this tower \(siglip"):
         make_model(tiny_parts, tmp_path / "b", vision="siglip", select_strategy="default")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_image_processor_keeps_the_towers_resample_mean_and_squash(tiny_parts, tmp_path):
+    """The processor written next to a model uses the tower's own filter, mean/std and (SigLIP) squash to size."""
+    import shutil
+
+    from transformers import AutoImageProcessor, CLIPImageProcessor, CLIPVisionConfig
+
+    from llavakit.model.build import image_processor_for
+
+    tower = tmp_path / "clip"
+    shutil.copytree(tiny_parts["clip"], tower)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=2,
+                       image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(tower)
+    proc = image_processor_for(str(tower), CLIPVisionConfig(image_size=32), pad=True)
+    assert (proc.resample, list(proc.image_mean), list(proc.image_std), proc.do_pad) == (2, [0.5] * 3, [0.25] * 3, True)
+    bicubic = image_processor_for(str(tiny_parts["clip"]), CLIPVisionConfig(image_size=32), pad=False)
+    assert bicubic.resample == 3 and bicubic.do_center_crop and bicubic.crop_size == {"height": 32, "width": 32}
+    siglip = image_processor_for(str(tiny_parts["siglip"]), CLIPVisionConfig(image_size=32), pad=False)
+    src = AutoImageProcessor.from_pretrained(tiny_parts["siglip"])
+    assert not siglip.do_center_crop and siglip.size == {"height": 32, "width": 32}
+    assert (siglip.resample, list(siglip.image_mean)) == (src.resample, list(src.image_mean))

@@ -92,7 +92,9 @@ def image_processor_for(source: str, vision_config, pad: bool):
         src = None  # a checkpoint without a preprocessor_config.json: CLIP defaults at the tower's size
     if src is not None:
         kw["image_mean"], kw["image_std"] = list(src.image_mean), list(src.image_std)
-        if getattr(src, "do_center_crop", False) is False:  # SigLIP-style: squash to size x size
+        if getattr(src, "resample", None) is not None:  # the encoder's own filter (CLIP and SigLIP: bicubic)
+            kw["resample"] = src.resample
+        if not getattr(src, "do_center_crop", None):  # SigLIP-style (unset or False): squash to size x size
             kw = dict(kw, size={"height": s, "width": s}, do_center_crop=False)
     return LlavaImageProcessorPil(do_pad=pad, **kw)
 
