@@ -13,8 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--vision", required=True, help="CLIP/SigLIP checkpoint: hub id or local dir")
     p.add_argument("--lm", required=True, help="causal LM: hub id, local dir, or short name (smollm2-135m)")
-    p.add_argument("--projector", default="mlp2x_gelu", help="projector: mlp2x_gelu (LLaVA-1.5) or linear (LLaVA 1.0)")
-    p.add_argument("--template", default="vicuna_v1", help="chat template: plain, vicuna_v1, llava_v1, chatml, tokenizer")
+    p.add_argument("--projector", default="mlp2x_gelu", help="projector: mlp2x_gelu (LLaVA-1.5; the default) or linear (LLaVA 1.0)")
+    p.add_argument("--template", default="vicuna_v1", help="chat template: plain, vicuna_v1 (the default), llava_v1, chatml, tokenizer")
     p.add_argument("--vision-feature-layer", type=int, default=-2, help="hidden layer to take features from (default -2)")
     p.add_argument("--select-strategy", choices=["default", "full"], default=None,
                    help="'default' drops CLS, 'full' keeps it (default: drop CLS if the encoder has one)")

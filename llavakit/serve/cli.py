@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit in MB (default 20)")
     p.add_argument("--max-image-mb", type=float, default=10.0, help="per-image byte limit in MB (default 10)")
     p.add_argument("--max-image-pixels", type=int, default=16_000_000, help="per-image pixel limit (default 16M)")
-    p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens when a request sets none")
+    p.add_argument("--max-tokens", type=int, default=512, help="max_tokens of a request that sets none (default 512)")
     p.add_argument("--local-images-dir", default=None, help="allow file paths in image_url, from under this dir only")
     p.add_argument("--allow-remote-images", action="store_true", help="allow http(s) image URLs (off by default)")
     p.add_argument("--remote-timeout", type=float, default=10.0,
