@@ -236,50 +236,11 @@ def load_dataset(
     limit: int | None = None,
 ) -> Dataset:
     """Read the annotations into a Dataset (images sorted by id; `limit` keeps the first N)."""
-    inst = _read_json(instances)
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(inst.get(key) if isinstance(inst, dict) else None, list):
-            raise AnnotationError(f"{instances}: not a COCO instances file (no {key!r} list)")
-    cats: dict[int, dict] = {}
-    for c in inst["categories"]:
-        cats[_id(c, "id", instances, "a category")] = c
-        _need(c, "name", instances, f"category {c.get('id')}")
+    cats, images, per_image = _read_instances(instances)
     supercats = {c["name"]: c.get("supercategory") or "" for c in cats.values()}
-
-    images: dict[Any, ImageEntry] = {}
-    for im in inst["images"]:
-        iid = _id(im, "id", instances, "an image")
-        images[iid] = ImageEntry(
-            image_id=iid,
-            file_name=str(_need(im, "file_name", instances, f"image {iid}")),
-            width=_side(im, "width", instances, iid),
-            height=_side(im, "height", instances, iid),
-        )
-    per_image: dict[Any, list[dict]] = {}
-    for ann in inst["annotations"]:
-        iid = _id(ann, "image_id", instances, "an annotation")
-        if iid not in images:
-            raise AnnotationError(f"{instances}: annotation {ann.get('id')} refers to unknown image_id {iid}")
-        if _id(ann, "category_id", instances, f"annotation {ann.get('id')}") not in cats:
-            raise AnnotationError(
-                f"{instances}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}"
-            )
-        per_image.setdefault(iid, []).append(ann)
-
     if captions is not None:
-        caps = _read_json(captions)
-        if not isinstance(caps, dict) or not isinstance(caps.get("annotations"), list):
-            raise AnnotationError(f"{captions}: not a COCO captions file (no 'annotations' list)")
-        for ann in caps["annotations"]:
-            _id(ann, "image_id", captions, "a caption")
-        for ann in sorted(caps["annotations"], key=lambda a: (_order(a["image_id"]), _order(a.get("id", 0)))):
-            iid = ann["image_id"]
-            text = _need(ann, "caption", captions, f"caption {ann.get('id')}")
-            if iid in images and isinstance(text, str) and text.strip():
-                images[iid].captions.append(" ".join(text.split()))
-
+        _add_captions(images, captions)
     scene_map = _read_scenes(scenes) if scenes is not None else {}
-
     for iid, entry in images.items():
         scene = scene_map.get(iid)
         if scene is not None:
@@ -291,24 +252,9 @@ def load_dataset(
     ordered = sorted(images.values(), key=lambda e: _order(e.image_id))
     if limit is not None:
         ordered = ordered[:limit]
-
     skipped: list[str] = []
     if check_images:
-        exists = _image_lookup(images_dir)
-        kept = []
-        for entry in ordered:
-            rel = resolve_file_name(entry.file_name, exists)
-            if rel is None:
-                skipped.append(entry.file_name)
-            else:
-                entry.file_name = rel
-                kept.append(entry)
-        if skipped and not allow_missing_images:
-            raise AnnotationError(
-                f"{len(skipped)} of {len(ordered)} images listed in {instances} are missing from {images_dir} "
-                f"(first: {', '.join(skipped[:3])}); pass --allow-missing-images to skip them"
-            )
-        ordered = kept
+        ordered, skipped = _find_images(ordered, images_dir, instances, allow_missing_images)
 
     colors = {o.color for e in ordered for o in e.objects if o.color}
     colors |= {str(e.background["color"]) for e in ordered if e.background and e.background.get("color")}
@@ -328,6 +274,73 @@ def load_dataset(
         sources=sources,
         skipped_missing_images=skipped,
     )
+
+
+def _read_instances(instances: Path) -> tuple[dict[int, dict], dict[Any, ImageEntry], dict[Any, list[dict]]]:
+    """(categories by id, images by id, annotations per image id) of a COCO instances file, checked."""
+    inst = _read_json(instances)
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(inst.get(key) if isinstance(inst, dict) else None, list):
+            raise AnnotationError(f"{instances}: not a COCO instances file (no {key!r} list)")
+    cats: dict[int, dict] = {}
+    for c in inst["categories"]:
+        cats[_id(c, "id", instances, "a category")] = c
+        _need(c, "name", instances, f"category {c.get('id')}")
+    images: dict[Any, ImageEntry] = {}
+    for im in inst["images"]:
+        iid = _id(im, "id", instances, "an image")
+        images[iid] = ImageEntry(
+            image_id=iid,
+            file_name=str(_need(im, "file_name", instances, f"image {iid}")),
+            width=_side(im, "width", instances, iid),
+            height=_side(im, "height", instances, iid),
+        )
+    per_image: dict[Any, list[dict]] = {}
+    for ann in inst["annotations"]:
+        iid = _id(ann, "image_id", instances, "an annotation")
+        if iid not in images:
+            raise AnnotationError(f"{instances}: annotation {ann.get('id')} refers to unknown image_id {iid}")
+        if _id(ann, "category_id", instances, f"annotation {ann.get('id')}") not in cats:
+            raise AnnotationError(
+                f"{instances}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}"
+            )
+        per_image.setdefault(iid, []).append(ann)
+    return cats, images, per_image
+
+
+def _add_captions(images: dict[Any, ImageEntry], captions: Path) -> None:
+    """Append each image's captions from a COCO captions file (whitespace collapsed, in caption id order)."""
+    caps = _read_json(captions)
+    if not isinstance(caps, dict) or not isinstance(caps.get("annotations"), list):
+        raise AnnotationError(f"{captions}: not a COCO captions file (no 'annotations' list)")
+    for ann in caps["annotations"]:
+        _id(ann, "image_id", captions, "a caption")
+    for ann in sorted(caps["annotations"], key=lambda a: (_order(a["image_id"]), _order(a.get("id", 0)))):
+        iid = ann["image_id"]
+        text = _need(ann, "caption", captions, f"caption {ann.get('id')}")
+        if iid in images and isinstance(text, str) and text.strip():
+            images[iid].captions.append(" ".join(text.split()))
+
+
+def _find_images(ordered: list[ImageEntry], images_dir: Path, instances: Path,
+                 allow_missing: bool) -> tuple[list[ImageEntry], list[str]]:
+    """(entries whose image file exists, file_name resolved; file names missing). Missing ones are an error
+    naming them unless `allow_missing`."""
+    exists = _image_lookup(images_dir)
+    kept, skipped = [], []
+    for entry in ordered:
+        rel = resolve_file_name(entry.file_name, exists)
+        if rel is None:
+            skipped.append(entry.file_name)
+        else:
+            entry.file_name = rel
+            kept.append(entry)
+    if skipped and not allow_missing:
+        raise AnnotationError(
+            f"{len(skipped)} of {len(ordered)} images listed in {instances} are missing from {images_dir} "
+            f"(first: {', '.join(skipped[:3])}); pass --allow-missing-images to skip them"
+        )
+    return kept, skipped
 
 
 def _side(im: dict, key: str, path: Path, iid: Any) -> int:
