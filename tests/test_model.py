@@ -39,6 +39,30 @@ def test_hf_llava_loads_with_same_logits(tiny_model_dir):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("parts", [dict(vision="siglip", lm="qwen2", template="chatml"),  # tied embeddings (as SmolLM2)
+                                   dict(select_strategy="full", vision_feature_layer=-1)],  # CLS kept, last layer
+                         ids=["siglip-qwen2-tied", "clip-full-last-layer"])
+def test_hf_llava_same_logits_for_other_towers_lms_and_feature_choices(tiny_parts, tmp_path, parts):
+    from transformers import LlavaForConditionalGeneration
+
+    out = make_model(tiny_parts, tmp_path / "m", **parts)
+    lm = load_model(out)
+    hf, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    tied = lm.model.config.get_text_config().tie_word_embeddings
+    assert tied == (parts.get("lm") == "qwen2")
+    if tied:  # the `<image>` row added at init is in the output embedding too
+        assert lm.model.get_output_embeddings().weight.data_ptr() == lm.model.get_input_embeddings().weight.data_ptr()
+        assert hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    ids, pixels, _ = batch_for(lm)
+    with torch.no_grad():
+        ours = lm.model(input_ids=ids, pixel_values=pixels).logits  # [1, T, V]
+        theirs = hf.eval()(input_ids=ids, pixel_values=pixels).logits
+        blank = lm.model(input_ids=ids, pixel_values=torch.zeros_like(pixels)).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert (ours - blank).abs().max().item() > 1e-3  # the image reaches the logits
+
+
 SMOL_LIKE = (  # SmolLM2's chat template, as the default model records it: written for string content
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"

@@ -293,11 +293,11 @@ def test_killed_recipe_resumes_training_from_its_checkpoint(tmp_path):
     recipe.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "llavakit.cli", "recipe", str(recipe)]
     killed = subprocess.run(cmd + ["instruct.train.runtime.kill_after_step=2", "--until", "instruct"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=900)
     assert killed.returncode != 0 and "instruct: running" in killed.stdout, killed.stderr[-2000:]
     out = Path(cfg["out"])
     assert (out / "instruct" / "checkpoints").is_dir() and not (out / "instruct" / ".recipe-step.json").exists()
-    done = subprocess.run(cmd + ["--until", "instruct"], capture_output=True, text=True)
+    done = subprocess.run(cmd + ["--until", "instruct"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ground: done already" in done.stdout and "instruct: resuming from" in done.stdout
     report = json.loads((out / "instruct" / "report.json").read_text())
@@ -306,7 +306,7 @@ def test_killed_recipe_resumes_training_from_its_checkpoint(tmp_path):
     (out / "instruct" / ".recipe-step.json").unlink()
     report_file = out / "instruct" / "report.json"
     report_file.unlink()
-    changed = subprocess.run(cmd + ["instruct.train.optim.lr=3e-3", "--until", "instruct"], capture_output=True, text=True)
+    changed = subprocess.run(cmd + ["instruct.train.optim.lr=3e-3", "--until", "instruct"], capture_output=True, text=True, timeout=900)
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "holds an unfinished run with other settings" in changed.stdout and "optim.lr" in changed.stdout
     assert (out / "instruct.stale-unfinished" / "checkpoints").is_dir()
@@ -316,9 +316,9 @@ def test_killed_recipe_resumes_training_from_its_checkpoint(tmp_path):
     # killed again; then ground changes (so instruct's inputs do, not its own settings): not resumed either
     lr = ["instruct.train.optim.lr=3e-3"]
     killed = subprocess.run(cmd + lr + ["instruct.train.runtime.kill_after_step=2", "--until", "instruct"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=900)
     assert killed.returncode != 0 and (out / ".instruct.pending").is_file(), killed.stdout[-2000:]
-    redone = subprocess.run(cmd + lr + ["ground.train.optim.lr=5e-3", "--until", "instruct"], capture_output=True, text=True)
+    redone = subprocess.run(cmd + lr + ["ground.train.optim.lr=5e-3", "--until", "instruct"], capture_output=True, text=True, timeout=900)
     assert redone.returncode == 0, redone.stderr[-2000:]
     assert "ground: settings or inputs changed" in redone.stdout
     assert "instruct: " + str(out / "instruct") + " was left unfinished with other settings or inputs" in redone.stdout

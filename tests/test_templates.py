@@ -103,6 +103,12 @@ def test_plain_drops_user_text_and_trains_caption(tok):
     assert all(label == IGNORE_INDEX for label in s.labels[:4])
 
 
+def test_plain_refuses_a_record_of_several_turns(tok):
+    """Stage 1 drops the user's text, so a second answer would be trained with no question: refused, named."""
+    with pytest.raises(RecordError, match=r"'m1': template 'plain' \(stage 1\) trains one caption per record.* 2 assistant"):
+        render_record(MULTI, tok, get_template("plain"), OPTS)
+
+
 def test_plain_starts_with_bos_when_the_tokenizer_adds_one(tiny_parts):
     """LLaVA's plain tokenizes `<image>caption\\n` with the tokenizer's own BOS (Llama, Vicuna); SmolLM2's adds none."""
     from transformers import AutoTokenizer
@@ -130,20 +136,27 @@ def tok_without_bos(tiny_parts):
     return t
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1", "chatml", "tokenizer", "plain"])
+ANSWER_END = {"vicuna_v1": ("</s>", " "), "chatml": ("<|im_end|>\n", ""), "tokenizer": ("<|im_end|>\n", ""),
+              "plain": ("\n", "")}
+"""Per template: what closes a trained answer, and what precedes it inside the trained span."""
+
+
+@pytest.mark.parametrize("name", sorted(ANSWER_END))
 def test_text_only_record(tok, name):
     s = render_record(TEXT_ONLY, tok, get_template(name), OPTS)
     assert tok.convert_tokens_to_ids(IMAGE_TOKEN) not in s.input_ids
-    assert trained_pieces(tok, s)[0].startswith(("Hi there.", " Hi there."))
+    end, lead = ANSWER_END[name]
+    assert trained_pieces(tok, s) == [lead + "Hi there." + end]  # the answer and its end: nothing else trained
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1", "chatml", "tokenizer", "plain"])
+@pytest.mark.parametrize("name", sorted(ANSWER_END))
 def test_several_images(tok, name):
     s = render_record(TWO_IMAGES, tok, get_template(name), OPTS)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     assert s.input_ids.count(image_id) == 8
     assert all(lab == IGNORE_INDEX for i, lab in zip(s.input_ids, s.labels) if i == image_id)
-    assert "The second one." in "".join(trained_pieces(tok, s))
+    end, lead = ANSWER_END[name]
+    assert trained_pieces(tok, s) == [lead + "The second one." + end]
 
 
 def test_template_matches_hf_apply_chat_template(tok):

@@ -63,15 +63,34 @@ def aligned(tiny_model_dir, squares, tmp_path_factory):
     return train(cfg)
 
 
-def test_align_trains_only_the_projector(aligned, tiny_model_dir):
+def test_align_trains_only_the_projector(aligned, tiny_model_dir, squares):
     before, after = weights(tiny_model_dir), weights(aligned / "model")
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if "multi_modal_projector" in k}  # everything else bit-identical
+    assert_transformers_logits_match(aligned / "model", squares)
     lm = load_model(aligned / "model")
     assert lm.meta.stage == "align" and lm.template.name == "vicuna_v1"  # the chat template is kept for stage 2
     entry = lm.meta.history[-1]
     assert entry["stage"] == "align" and entry["template"] == "plain" and entry["config"]["optim"]["lr"] == 1e-3
+
+
+def assert_transformers_logits_match(model_dir: Path, squares) -> None:
+    """transformers' LlavaForConditionalGeneration loads a trained dir with no key problems and, given an image,
+    computes llavakit's logits."""
+    from transformers import LlavaForConditionalGeneration
+
+    hf, info = LlavaForConditionalGeneration.from_pretrained(model_dir, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    lm = load_model(model_dir)
+    rec = json.loads(squares["qa"].read_text())[0]
+    image = Image.open(squares["images"] / rec["image"]).convert("RGB")
+    pixels = lm.image_processor([image], return_tensors="pt")["pixel_values"]  # [1, 3, H, W]
+    ids = torch.tensor([[1] + [lm.model.config.image_token_id] * lm.image_seq_length + [5, 9, 30]])  # [1, T]
+    with torch.no_grad():
+        ours = lm.model(input_ids=ids, pixel_values=pixels).logits  # [1, T, V]
+        theirs = hf.eval()(input_ids=ids, pixel_values=pixels).logits
+    assert (ours - theirs).abs().max() < 1e-4
 
 
 def test_align_writes_every_output(aligned):
@@ -125,6 +144,7 @@ def test_instruct_full_trains_language_model_and_projector(aligned, squares, tmp
     assert not any("vision_tower" in k for k in changed)  # frozen unless train_vision
     assert any("multi_modal_projector" in k for k in changed) and any("language_model.layers" in k for k in changed)
     assert "model.language_model.embed_tokens.weight" in changed and "lm_head.weight" in changed
+    assert_transformers_logits_match(out / "model", squares)
     meta = load_model(out / "model").meta
     assert meta.stage == "instruct" and [h["stage"] for h in meta.history] == ["align", "instruct"]
 
@@ -149,9 +169,11 @@ def test_instruct_lora_merges_into_a_transformers_model(aligned, squares, tmp_pa
     train_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert train_rows[0]["lr"] / train_rows[0]["projector_lr"] == pytest.approx(10.0)  # own projector LR
     before, after = weights(aligned / "model"), weights(out / "model")
-    assert not torch.equal(before["model.language_model.layers.0.self_attn.q_proj.weight"],
-                           after["model.language_model.layers.0.self_attn.q_proj.weight"])  # LoRA merged in
-    assert all(torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    lora_targets = {k for k in before if k.startswith("model.language_model.layers.") and k.endswith("proj.weight")}
+    # the projector and the merged LoRA linears, nothing else (tower, embeddings, norms, lm_head bit-identical)
+    assert changed == lora_targets | {k for k in before if "multi_modal_projector" in k}
+    assert_transformers_logits_match(out / "model", squares)
 
 
 def test_lora_init_adapter_goes_on_training_a_saved_adapter(aligned, squares, tmp_path):
@@ -237,6 +259,38 @@ def test_loss_is_the_mean_over_assistant_tokens_of_the_global_batch(tiny_model_d
     assert sum(p.item() for p in parts) == pytest.approx(loss.item(), abs=1e-5)
     assert len(samples[2].input_ids) != len(samples[3].input_ids)
     assert together.item() == pytest.approx(sum(a.item() for a in apart), abs=1e-4)  # pad columns add nothing
+
+
+@pytest.mark.parametrize("wrong", ["fewer", "more"])
+@pytest.mark.parametrize("source", ["pixels", "features"])
+def test_training_forward_raises_when_image_tokens_and_features_disagree(tiny_model_dir, squares, source, wrong):
+    """The training forward (pixels, or cached features through the projector) scatters features into the
+    `<image>` positions and raises naming both counts when they differ; it never trains on a misaligned batch."""
+    from llavakit.train.data import Collate, LazyDataset
+    from llavakit.train.model import TrainModule
+    from llavakit.train.setup import make_source
+
+    cfg = config("instruct", tiny_model_dir, "unused", squares["qa"], squares["images"])
+    lm = load_model(tiny_model_dir)
+    batch = Collate(lm.tokenizer.pad_token_id)([LazyDataset(make_source(cfg, lm, cfg.data.path))[0]])
+    inputs = batch.model_inputs("cpu")
+    image_id, n = lm.model.config.image_token_id, lm.image_seq_length
+    if source == "features":  # the cached encoder output: [N, S, Dv]
+        pixels = inputs.pop("pixel_values")
+        layer = lm.model.config.vision_feature_layer
+        hidden = lm.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
+        inputs["image_features"] = hidden[:, 1:].detach()
+    ids = inputs["input_ids"].clone()  # [1, T]
+    assert int((ids == image_id).sum()) == n
+    with torch.no_grad():
+        TrainModule(lm.model, True)(**inputs, num_items=torch.tensor(1.0))  # as rendered: fine
+    if wrong == "fewer":
+        ids[0, (ids[0] == image_id).nonzero()[0, 0]] = lm.tokenizer.pad_token_id
+    else:
+        ids[0, (ids[0] != image_id).nonzero()[-1, 0]] = image_id
+    found = n - 1 if wrong == "fewer" else n + 1
+    with pytest.raises(ValueError, match=rf"image tokens do not match, tokens: {found}, features: "):
+        TrainModule(lm.model, True)(**{**inputs, "input_ids": ids}, num_items=torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("source", ["pixels", "features"])

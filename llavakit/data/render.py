@@ -154,6 +154,10 @@ def _truncate(conv: Conversation, ids: list[int], labels: list[int], opts: Rende
 
 def render_conversation(conv: Conversation, tokenizer, template: ChatTemplate, opts: RenderOptions) -> RenderedSample:
     """Tokens and labels of a validated conversation."""
+    answers = sum(m["role"] == "assistant" for m in conv.messages)
+    if template.user_images_only and answers != 1:  # its user text is dropped: further turns would be unasked answers
+        raise RecordError(conv.id, f"template {template.name!r} (stage 1) trains one caption per record, as LLaVA's "
+                                   f"preprocess_plain; this record has {answers} assistant turns")
     messages = prepare_messages(conv, template, opts.image_seq_length)
     try:
         full, spans = assistant_spans(conv.id, template, tokenizer, messages)

@@ -38,7 +38,8 @@ class ChatTemplate:
     """Start the conversation with the tokenizer's BOS token: always (true), never (false), or "tokenizer": when
     the tokenizer adds one by itself (LLaVA's `plain` tokenizes with it: `<s><image>caption` for Llama)."""
     user_images_only: bool = False
-    """Keep only the `<image>` markers of user turns (LLaVA's 'plain' stage-1 format)."""
+    """Keep only the `<image>` markers of user turns (LLaVA's 'plain' stage-1 format). Such a template trains
+    one (images, caption) pair per record, as LLaVA's `preprocess_plain`: a record of several turns is refused."""
     stop: tuple[str, ...] = ()
     """Strings that end generation; '{eos_token}' is replaced by the tokenizer's EOS."""
     special_tokens: tuple[str, ...] = ()
