@@ -1,8 +1,11 @@
 """The `openai` teacher against a fake OpenAI-compatible server on loopback, and kill-and-resume.
 
 The fake server is scripted per image: each request for an image pops the next action
-(ok, 500, 429:<retry-after>, sleep:<seconds>, malformed, bad_output, truncated, 401); with an
-empty script it answers ok. It records every request (image, kind, time, headers, body).
+(ok, 500, 429:<retry-after>, hang, malformed, bad_output, truncated, 401); with an
+empty script it answers ok. It records every request (image, kind, time, headers, body). `hang` does not answer
+until the server stops, so a client timeout fires whatever the machine's load (after HANG_CAP_S it answers ok, so
+a broken client timeout fails the test instead of hanging it).
+No test asserts on elapsed time: retry waits are recorded by the `sleeps` fixture instead of slept.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+import llavakit.openai_client as openai_client
 from llavakit.datagen import KINDS
 from llavakit.datagen.config import DatagenError, InstructConfig, SourceConfig, TeacherConfig
 from llavakit.datagen.instruct import generate_instruct
@@ -28,6 +33,7 @@ from llavakit.datagen.packs import load_pack
 from llavakit.datagen.parse import format_qa
 
 REPO = Path(__file__).resolve().parents[1]
+HANG_CAP_S = 120  # a guard against hanging, not a speed limit: far beyond any client timeout used here
 
 
 def ok_text(kind: str, image: int) -> str:
@@ -42,12 +48,17 @@ def ok_text(kind: str, image: int) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, barrier: threading.Barrier | None = None):
         self.delay = delay
         self.script: dict[int, list[str]] = {}
         self.log: list[dict] = []
         self.lock = threading.Lock()
         self.inflight = self.max_inflight = 0
+        self.released = threading.Event()
+        """Set by stop(): lets `hang` requests go."""
+        self.barrier = barrier
+        """If set, the first `barrier.parties` requests wait there together (each must be in flight at once)."""
+        self.barrier_broken = False
         kinds = {load_pack(k).system: k for k in KINDS}
         fake = self
 
@@ -83,7 +94,13 @@ class FakeOpenAI:
                                      "auth": self.headers.get("Authorization"), "body": body})
                     fake.inflight += 1
                     fake.max_inflight = max(fake.max_inflight, fake.inflight)
+                    meet = fake.barrier is not None and len(fake.log) <= fake.barrier.parties
                 try:
+                    if meet:
+                        try:
+                            fake.barrier.wait()
+                        except threading.BrokenBarrierError:
+                            fake.barrier_broken = True
                     time.sleep(fake.delay)
                     self._act(action, kind, image)
                 finally:
@@ -91,9 +108,10 @@ class FakeOpenAI:
                         fake.inflight -= 1
 
             def _act(self, action: str, kind: str, image: int) -> None:
-                if action.startswith("sleep:"):
-                    time.sleep(float(action.split(":")[1]))
-                    action = "ok"
+                if action == "hang":  # no reply until the server stops: the client's timeout must fire
+                    if fake.released.wait(HANG_CAP_S):
+                        return
+                    action = "ok"  # the client never gave up: answer, so the test fails rather than hangs
                 if action in ("ok", "bad_output", "truncated"):
                     text = "Question:\nWhat is this?" if action == "bad_output" else ok_text(kind, image)
                     finish = "length" if action == "truncated" else "stop"
@@ -120,6 +138,7 @@ class FakeOpenAI:
         return self
 
     def stop(self) -> None:
+        self.released.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -132,6 +151,27 @@ def server():
     fake = FakeOpenAI().start()
     yield fake
     fake.stop()
+
+
+class _RecordedSleeps:
+    """Stands in for the `time` module inside llavakit.openai_client: `sleep` records the wait and returns."""
+
+    def __init__(self):
+        self.waits: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The retry waits the shared OpenAI client asked for, in order (not slept)."""
+    recorder = _RecordedSleeps()
+    monkeypatch.setattr(openai_client, "time", recorder)
+    return recorder.waits
 
 
 def make_coco(root: Path, n: int) -> SourceConfig:
@@ -203,20 +243,21 @@ def test_500_then_success_is_retried(tmp_path, server):
     assert len(data) == 3 and rejections == []
 
 
-def test_429_honours_retry_after(tmp_path, server):
+def test_429_honours_retry_after(tmp_path, server, sleeps):
     server.script[2] = ["429:1", "ok"]
     report, data, _ = run(tmp_path, server)
     reqs = server.requests_for(2)
     assert [r["action"] for r in reqs] == ["429:1", "ok"]
-    assert reqs[1]["t"] - reqs[0]["t"] >= 0.95  # backoff alone would be ~0.01 s
+    assert sleeps == [1.0]  # the server's Retry-After; the backoff alone would be ~0.01 s
     st = report.kinds["conversation"]
     assert st.generated == 3 and dict(st.retry_reasons) == {"http_429": 1}
 
 
 def test_timeouts_are_retried_then_counted_as_rejections_and_redone_on_rerun(tmp_path, server):
-    server.script[1] = ["sleep:1.5", "ok"]
-    server.script[3] = ["sleep:1.5", "sleep:1.5"]
-    report, data, rejections = run(tmp_path, server, timeout=0.3, max_retries=1)
+    # `hang` never answers, so these time out however slow the machine; good replies get a generous 5 s
+    server.script[1] = ["hang", "ok"]
+    server.script[3] = ["hang", "hang"]
+    report, data, rejections = run(tmp_path, server, timeout=5.0, max_retries=1)
     st = report.kinds["conversation"]
     assert (st.generated, st.rejected, st.rejected_cached) == (2, 1, 0)
     assert dict(st.reasons) == {"timeout": 1} and dict(st.retry_reasons) == {"timeout": 2}
@@ -225,7 +266,7 @@ def test_timeouts_are_retried_then_counted_as_rejections_and_redone_on_rerun(tmp
     assert rejections[0]["code"] == "timeout" and "gave up after 2 attempts" in rejections[0]["message"]
     # a teacher failure is not cached: the rerun asks again (only for that item)
     n = len(server.log)
-    report2, data2, rejections2 = run(tmp_path, server, timeout=0.3, max_retries=1)
+    report2, data2, rejections2 = run(tmp_path, server, timeout=5.0, max_retries=1)
     assert len(server.log) == n + 1 and server.log[-1]["image"] == 3
     assert (report2.totals.generated, report2.totals.cached, report2.totals.rejected) == (1, 2, 0)
     assert len(data2) == 3 and rejections2 == []
@@ -270,13 +311,17 @@ def test_a_reasked_rejection_that_fails_in_the_teacher_reports_the_new_error(tmp
     assert [(r["code"], r["cached"]) for r in rejections] == [("malformed_body", False)]
 
 
-def test_concurrency_is_bounded(tmp_path):
-    fake = FakeOpenAI(delay=0.15).start()
+def test_concurrency_is_used_and_bounded(tmp_path):
+    # the first three requests wait for each other: the barrier breaks (after 30 s) unless three are in flight at once;
+    # the client's timeout is longer, so no timed-out request's retry can stand in for a concurrent one
+    fake = FakeOpenAI(delay=0.15, barrier=threading.Barrier(3, timeout=30)).start()
     try:
-        report, data, _ = run(tmp_path, fake, n=8, concurrency=3)
+        report, data, _ = run(tmp_path, fake, n=8, concurrency=3, timeout=60.0)
     finally:
         fake.stop()
-    assert len(data) == 8 and fake.max_inflight == 3
+    assert len(data) == 8 and len(fake.log) == 8  # each asked once
+    assert not fake.barrier_broken, "three requests were never in flight together"
+    assert fake.max_inflight <= 3  # the limit
 
 
 def test_bad_key_stops_the_run_with_a_clear_error(tmp_path, server):
@@ -294,11 +339,14 @@ def test_wrong_url_stops_the_run_naming_the_flags(tmp_path, server):
 
 def test_unreachable_server_stops_after_consecutive_failures(tmp_path):
     src = make_coco(tmp_path / "src", 30)
-    cfg = InstructConfig(source=src, out=tmp_path / "o.json", cache_dir=tmp_path / "c", kinds=("conversation",),
-                         teacher=TeacherConfig(name="openai", url="http://127.0.0.1:9/v1", model="m", max_retries=0),
-                         progress=False, max_consecutive_failures=5)
-    with pytest.raises(DatagenError, match="5 items in a row failed.*connection_error"):
-        generate_instruct(cfg, log=lambda m: None)
+    with socket.socket() as held:  # bound but never listening, and held for the whole test: connections are refused
+        held.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{held.getsockname()[1]}/v1"
+        cfg = InstructConfig(source=src, out=tmp_path / "o.json", cache_dir=tmp_path / "c", kinds=("conversation",),
+                             teacher=TeacherConfig(name="openai", url=url, model="m", max_retries=0),
+                             progress=False, max_consecutive_failures=5)
+        with pytest.raises(DatagenError, match="5 items in a row failed.*connection_error"):
+            generate_instruct(cfg, log=lambda m: None)
 
 
 # ---------------------------------------------------------------- kill and resume

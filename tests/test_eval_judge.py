@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import llavakit.openai_client as openai_client
 from llavakit.eval.common import EvalError
 from llavakit.eval.judge import (
     Judge,
@@ -79,6 +81,27 @@ def server():
     srv.shutdown()
     srv.server_close()
     thread.join(5)
+
+
+class _RecordedSleeps:
+    """Stands in for the `time` module inside llavakit.openai_client: `sleep` records the wait and returns."""
+
+    def __init__(self):
+        self.waits: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The retry waits the shared OpenAI client asked for, in order (not slept)."""
+    recorder = _RecordedSleeps()
+    monkeypatch.setattr(openai_client, "time", recorder)
+    return recorder.waits
 
 
 def config(server, tmp_path, **kw) -> JudgeConfig:
@@ -210,24 +233,21 @@ def test_bad_key_is_not_retried_and_names_the_key_variable(server, tmp_path):
     assert len(server.requests) == 1 and judge.calls == 1
 
 
-def test_429_retry_after_is_honoured_like_the_teacher(server, tmp_path):
+def test_429_retry_after_is_honoured_like_the_teacher(server, tmp_path, sleeps):
     server.mode = "throttled"  # the shared client's policy: Retry-After wins over retry_wait (0 here)
     req = ReviewRequest(2, "complex", "c", "Why might the street be empty?", "r", "a")
     with Judge(config(server, tmp_path, retries=1)) as judge:
-        t0 = time.monotonic()
         assert judge.review(req).model_score == 7.0
-        assert time.monotonic() - t0 >= 0.95 and judge.calls == 2
+        assert judge.calls == 2
+    assert sleeps == [1.0]  # the server's Retry-After: 1; retry_wait alone would give 0
 
 
 def test_unreachable_judge(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
-    cfg = JudgeConfig(url=f"http://127.0.0.1:{port}/v1", model="m", cache_dir=tmp_path, retries=0)
-    with Judge(cfg) as judge, pytest.raises(JudgeError, match="question 'q7'.*failed"):
-        judge.review(ReviewRequest("q7", "conv", "c", "q", "r", "a"))
+    with socket.socket() as held:  # bound but never listening, and held for the whole test: connections are refused
+        held.bind(("127.0.0.1", 0))
+        cfg = JudgeConfig(url=f"http://127.0.0.1:{held.getsockname()[1]}/v1", model="m", cache_dir=tmp_path, retries=0)
+        with Judge(cfg) as judge, pytest.raises(JudgeError, match="question 'q7'.*failed"):
+            judge.review(ReviewRequest("q7", "conv", "c", "q", "r", "a"))
 
 
 def test_cached_review_with_a_changed_prompt_is_judged_again(server, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import re
 import socket
 import threading
 import time
@@ -37,20 +38,16 @@ def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running(app):
-    """Serve `app` with uvicorn on a free port in a thread; yield its base URL."""
+    """Serve `app` with uvicorn in a thread on a socket bound here (no free-port race); yield its base URL."""
     import uvicorn
 
-    port = free_port()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -62,6 +59,7 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        sock.close()  # uvicorn closes it on shutdown; this covers a server that never started
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +249,19 @@ class GatedEngine:
         yield from self.engine.run(rows, **kw)
 
 
+class SteppedEngine(GatedEngine):
+    """The real engine, but after each step that produced text it waits for `gate`: a row cannot finish (or even
+    get past its first text) before the test lets it."""
+
+    def run(self, rows, **kw):
+        self.rows += rows
+        self.entered.set()
+        for events in self.engine.run(rows, **kw):
+            yield events
+            if any(ev.text for ev in events):
+                self.gate.wait(60)
+
+
 class FailingEngine:
     """An engine whose every batch fails with a message that must not reach the client."""
 
@@ -334,13 +345,20 @@ def test_client_disconnect_cancels_its_row(tiny_model_dir, ref):
     uncut = ref.complete([([], prompt)], ref_params(300))[0]
     assert uncut.finish_reason == "length"  # greedy runs to the limit unless cancelled
     pipe = load_pipeline(tiny_model_dir, model_id="tiny")
+    stepped = SteppedEngine(pipe.engine)  # holds the row after its first text until the test lets it go on
+    pipe.engine = stepped
     body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 300, "stream": True,
             "temperature": 0}
     with running(create_app(pipe)) as url:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             while '"content": ""' in (line := next(lines)) or not line:
-                pass  # up to the first generated text: the row is decoding; then hang up
+                pass  # up to the first generated text: the row is decoding (and held); then hang up
+        deadline = time.monotonic() + 30
+        while not stepped.rows[0].cancelled() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the server notices the hang-up and cancels the row
+        assert stepped.rows[0].cancelled()
+        stepped.gate.set()  # only now may the row decode on: it must stop at the next step
         deadline = time.monotonic() + 30
         while httpx.get(url + "/health").json()["batches"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -375,8 +393,8 @@ def test_client_leaving_a_non_streaming_request_cancels_its_row(tiny_model_dir):
 
 class _ImageHandler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server API
-        if self.path == "/slow.png":
-            time.sleep(2)
+        if self.path == "/slow.png":  # silent until the origin stops (at most 120 s): the fetch's timeout must fire
+            self.server.stopping.wait(120)
         body = png_bytes(RED) if self.path in ("/red.png", "/slow.png") else b""
         if self.path == "/big.png":
             body = b"\x89PNG" + b"\x00" * 300_000
@@ -394,18 +412,21 @@ class _ImageHandler(BaseHTTPRequestHandler):
 
 def test_remote_images_when_enabled_with_limits(tiny_model_dir, ref):
     origin = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    origin.stopping = threading.Event()
     threading.Thread(target=origin.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{origin.server_address[1]}"
     pipe = load_pipeline(tiny_model_dir, model_id="tiny")
-    sources = ImageSources(max_bytes=200_000, allow_remote=True, remote_timeout_s=0.5, remote_hosts=("127.0.0.1",))
+    # a generous per-operation timeout for the good replies; /slow.png never answers, so it times out all the same
+    sources = ImageSources(max_bytes=200_000, allow_remote=True, remote_timeout_s=5.0, remote_hosts=("127.0.0.1",))
     try:
         with running(create_app(pipe, ServeConfig(images=sources))) as url:
             ok = _post(url, {**_user(_img(base + "/red.png"), TEXT), "temperature": 0})
             assert ok.status_code == 200
             assert ok.json()["choices"][0]["message"]["content"] == expected(ref, "What is this?", [RED], max_tokens=4)
-            for path, needle in [("/big.png", "over the limit of 200000"), ("/slow.png", "could not fetch"),
-                                 ("/missing.png", "returned HTTP 404")]:
+            for path, needle in [("/big.png", "over the limit of 200000"),
+                                 ("/slow.png", "could not fetch .*ReadTimeout"), ("/missing.png", "returned HTTP 404")]:
                 r = _post(url, _user(_img(base + path), TEXT))
-                assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+                assert r.status_code == 400 and re.search(needle, r.json()["error"]["message"]), r.text
     finally:
+        origin.stopping.set()
         origin.shutdown()
