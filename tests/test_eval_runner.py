@@ -285,3 +285,19 @@ def test_answers_file_lines_must_be_whole_answers(tmp_path, lines, message):
     path.write_text("".join(line + "\n" for line in lines))
     with pytest.raises(EvalError, match=re.escape(message)):
         load_answers(path)
+
+
+def test_cli_eval_with_a_real_tiny_model(tiny_model_dir, tmp_path, capsys):
+    """`llavakit eval` end to end with a real (tiny, random) model, no fakes: every question of the fixture
+    benchmark gets an answer line from the model, and the results hold the official metric."""
+    argv = ["eval", "--model", str(tiny_model_dir), "--benchmark", "pope", "--data", str(FIX / "pope"),
+            "--out", str(tmp_path), "--batch-size", "4"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    questions = BENCHMARKS["pope"].load(FIX / "pope")
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert sorted(r["question_id"] for r in rows) == sorted(q.question_id for q in questions)
+    assert all(isinstance(r["text"], str) for r in rows) and {r["model_id"] for r in rows} == {str(tiny_model_dir)}
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["benchmark"] == "pope" and 0.0 <= results["metrics"][results["primary"]] <= 100.0
+    assert "# pope" in out
