@@ -463,6 +463,34 @@ def test_object_loss_names_each_objects_shape_and_colour_from_its_patches(worlds
         ClipTrainConfig(world="w", out="o", object_loss_weight=-0.5)
 
 
+def test_position_loss_names_each_objects_cell_from_its_patches(worlds, tmp_path):
+    """position_loss_weight > 0: each object's 3x3 cell from the scene graph is the target, the loss is logged and
+    falls, the head is not saved; and a checkpoint of the run knows the head (resume needs it)."""
+    from transformers import CLIPModel
+
+    from llavakit.train.clip_objects import object_targets
+    from llavakit.world.config import POSITIONS
+
+    scenes = load_scenes(worlds["train"])
+    targets = object_targets(scenes, image_size=32, patch_size=8)
+    for row in (0, 1, 2):
+        objs = scenes[row]["objects"]
+        cells = [POSITIONS[i] for i in targets.positions[row].tolist() if i != -100]
+        assert cells == [o["position"] for o in objs] and len(set(POSITIONS)) == 9
+    cfg = ClipTrainConfig(world=str(worlds["train"]), out=str(tmp_path / "pos"),
+                          **{**TINY_MODEL, "max_steps": 40, "evaluate": False, "position_loss_weight": 1.0,
+                             "object_loss_weight": 0.0})
+    result = train_clip(cfg, say=lambda msg: None)
+    records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["position_loss"] for r in records if "position_loss" in r]
+    assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.2, losses
+    assert "object_loss" not in records[-1]
+    model = CLIPModel.from_pretrained(result.out)
+    assert not any("position" in k and "embedding" not in k for k in model.state_dict())
+    with pytest.raises(ClipConfigError, match="position_loss_weight must be >= 0"):
+        ClipTrainConfig(world="w", out="o", position_loss_weight=float("nan"))
+
+
 def test_hard_batches_share_one_value_and_name_the_object():
     """Grouped batches: every image holds the shared colour/shape, each caption names that object, none repeats."""
     import random

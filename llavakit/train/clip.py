@@ -125,6 +125,12 @@ class ClipTrainConfig:
     heads, cross-entropy), so the tokens LLaVA reads at an object say what is there. Dropped at save. 0: off (v3).
     At 2.0 (v4) the shape probe rose from 0.36 to 0.56 and colour, count, position and recall rose too; 8.0 was
     worse than 2.0 (docs/encoder.md)."""
+    position_loss_weight: float = 0.0
+    """Weight of a third auxiliary loss (llavakit/train/clip_objects.py, `PositionHead`): each object's mean patch
+    token (as for `object_loss_weight`) predicts the object's 3x3 cell of the image (the scene graph's `position`),
+    so the tokens at an object also say *where* it is. Without it the v4 tower's object tokens carry colour and
+    shape but no position (a probe reads the majority cell; docs/default-model.md, E15): an LM must then find
+    positions from the tokens' order alone. Dropped at save. 0: off (v4)."""
     hard_batch_prob: float = 0.0
     """Fraction of steps that use a grouped hard-negative batch instead of a random one: images sharing one
     colour (or shape), each paired with a caption about that object alone, so shape and position must be
@@ -226,8 +232,9 @@ class ClipTrainConfig:
             raise ClipConfigError("weight_decay and grad_clip must be >= 0 and eps > 0")
         if not (self.category_loss_weight >= 0 and math.isfinite(self.category_loss_weight)):
             raise ClipConfigError(f"category_loss_weight must be >= 0, got {self.category_loss_weight!r}")
-        if not (self.object_loss_weight >= 0 and math.isfinite(self.object_loss_weight)):
-            raise ClipConfigError(f"object_loss_weight must be >= 0, got {self.object_loss_weight!r}")
+        for name in ("object_loss_weight", "position_loss_weight"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ClipConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not (0.0 <= self.hard_batch_prob <= 1.0):
             raise ClipConfigError(f"hard_batch_prob must be in [0, 1], got {self.hard_batch_prob!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -433,19 +440,22 @@ class CategoryHead:
 
 
 def aux_heads(cfg: ClipTrainConfig, scenes: list[dict], width: int) -> list[tuple[str, float, Any]]:
-    """(name, weight, head) of each auxiliary loss switched on: `category`, `object`."""
-    from llavakit.train.clip_objects import ObjectHead, object_targets
+    """(name, weight, head) of each auxiliary loss switched on: `category`, `object`, `position`."""
+    import torch
+
+    from llavakit.train.clip_objects import ObjectHead, PositionHead, object_targets
 
     heads = []
     categories = CategoryHead.build(cfg, scenes, width)
     if categories is not None:
         heads.append(("category", cfg.category_loss_weight, categories))
+    targets = object_targets(scenes, cfg.image_size, cfg.patch_size) if cfg.object_loss_weight or cfg.position_loss_weight else None
     if cfg.object_loss_weight > 0:
-        import torch
-
         torch.manual_seed(cfg.seed + 3)
-        heads.append(("object", cfg.object_loss_weight,
-                      ObjectHead(object_targets(scenes, cfg.image_size, cfg.patch_size), width)))
+        heads.append(("object", cfg.object_loss_weight, ObjectHead(targets, width)))
+    if cfg.position_loss_weight > 0:
+        torch.manual_seed(cfg.seed + 4)
+        heads.append(("position", cfg.position_loss_weight, PositionHead(targets, width)))
     return heads
 
 

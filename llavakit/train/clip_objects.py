@@ -1,11 +1,13 @@
-"""Stage-0 auxiliary loss `object_loss_weight`: the patch tokens under each object name its shape and colour.
+"""Stage-0 auxiliary losses `object_loss_weight` / `position_loss_weight`: the patch tokens under each object name
+its shape and colour / its place in the image.
 
 LLaVA reads the layer -2 patch tokens, and its questions ("What shape is the red object?") need each object's
 shape and colour at the object's own tokens. The CLIP loss pays for neither directly, and the category loss
 (`CategoryHead`, a max over the whole grid) only for which shapes the image holds. Here, per object of the
 scene graph (its COCO box), the mean of the patch tokens whose centres lie inside the box (at least the patch
-under the box centre) goes through two linear heads, category and colour, trained with cross-entropy. The
-heads are dropped at save: the checkpoint stays a plain HF CLIP.
+under the box centre) goes through two linear heads, category and colour, trained with cross-entropy; with
+`position_loss_weight`, a third head names the object's 3x3 cell (`PositionHead`). The heads are dropped at save:
+the checkpoint stays a plain HF CLIP.
 
 Written here because it needs the world's scene graphs mapped onto the tower's patch grid (LLaVA's `pad`
 view, as `clip_data.square_pixels` renders it); a few tensor lines, no library does this.
@@ -49,10 +51,14 @@ class ObjectTargets:
     colors: torch.Tensor  # [N, M] int64
     category_names: list[str]
     color_names: list[str]
+    positions: torch.Tensor  # [N, M] int64: index into POSITIONS (-100: no object, or no `position` recorded)
 
 
 def object_targets(scenes: list[dict[str, Any]], image_size: int, patch_size: int) -> ObjectTargets:
-    """The targets of `ObjectHead` for a world's scene graphs (objects without a colour get -100 there)."""
+    """The targets of `ObjectHead` and `PositionHead` for a world's scene graphs (objects without a colour or a
+    recorded position get -100 there)."""
+    from llavakit.world.config import POSITIONS
+
     cats = sorted({o["category"] for s in scenes for o in s["objects"]})
     cols = sorted({o["color"] for s in scenes for o in s["objects"] if o.get("color")})
     most = max((len(s["objects"]) for s in scenes), default=0)
@@ -60,13 +66,22 @@ def object_targets(scenes: list[dict[str, Any]], image_size: int, patch_size: in
     masks = torch.zeros(len(scenes), max(most, 1), patches)  # [N, M, P]
     cat_labels = torch.full((len(scenes), max(most, 1)), -100, dtype=torch.long)  # [N, M]
     col_labels = torch.full_like(cat_labels, -100)  # [N, M]
+    pos_labels = torch.full_like(cat_labels, -100)  # [N, M]
     for row, scene in enumerate(scenes):
         for k, obj in enumerate(scene["objects"]):
             masks[row, k] = box_patch_mask(obj["bbox"], scene["width"], scene["height"], image_size, patch_size)
             cat_labels[row, k] = cats.index(obj["category"])
             if obj.get("color"):
                 col_labels[row, k] = cols.index(obj["color"])
-    return ObjectTargets(masks, cat_labels, col_labels, cats, cols)
+            if obj.get("position") in POSITIONS:
+                pos_labels[row, k] = POSITIONS.index(obj["position"])
+    return ObjectTargets(masks, cat_labels, col_labels, cats, cols, pos_labels)
+
+
+def pooled_objects(targets: ObjectTargets, patches: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Each object's mean patch token: [B, M, D]. patches: [B, P, D]; images: [B] indices of the world."""
+    masks = targets.masks[images]  # [B, M, P]
+    return masks @ patches / masks.sum(-1, keepdim=True).clamp(min=1.0)  # [B, M, D]
 
 
 class ObjectHead(torch.nn.Module):
@@ -80,8 +95,7 @@ class ObjectHead(torch.nn.Module):
 
     def loss(self, patches: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the batch's objects (category + colour). patches: [B, P, D]; images: [B]."""
-        masks = self.targets.masks[images]  # [B, M, P]
-        pooled = masks @ patches / masks.sum(-1, keepdim=True).clamp(min=1.0)  # [B, M, D]
+        pooled = pooled_objects(self.targets, patches, images)  # [B, M, D]
         if not (self.targets.categories[images] != -100).any():  # a batch of empty scenes: nothing to name
             return pooled.sum() * 0.0
         ce = torch.nn.functional.cross_entropy
@@ -90,3 +104,22 @@ class ObjectHead(torch.nn.Module):
         if not (colors != -100).any():
             return cat
         return cat + ce(self.color(pooled).flatten(0, 1), colors, ignore_index=-100)
+
+
+class PositionHead(torch.nn.Module):
+    """A linear head on each object's mean patch token: its 3x3 cell of the image (the scene graph's `position`)."""
+
+    def __init__(self, targets: ObjectTargets, width: int) -> None:
+        from llavakit.world.config import POSITIONS
+
+        super().__init__()
+        self.targets = targets
+        self.position = torch.nn.Linear(width, len(POSITIONS))
+
+    def loss(self, patches: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the batch's objects with a recorded position. patches: [B, P, D]; images: [B]."""
+        pooled = pooled_objects(self.targets, patches, images)  # [B, M, D]
+        labels = self.targets.positions[images].flatten()  # [B*M]
+        if not (labels != -100).any():  # no object with a position in this batch
+            return pooled.sum() * 0.0
+        return torch.nn.functional.cross_entropy(self.position(pooled).flatten(0, 1), labels, ignore_index=-100)
