@@ -80,9 +80,8 @@ def test_each_variant_trains_on_its_own_inputs(tmp_path):
     other["instruct"]["replay_ground"] = 0.5
     a2, b2, c2 = (wired(other, name, tmp_path) for name in ("align_instruct", "instruct_only", "text_only"))
     a2.results["ground"] = StepResult("ground", out / "ground", "h", "id-ground", True, 0.0, {})
-    assert a2.step_hash("instruct") != a.step_hash("instruct") and a2.resume_key("instruct") != a.resume_key("instruct")
+    assert a2.step_hash("instruct") != a.step_hash("instruct")
     assert (b2.step_hash("instruct"), c2.step_hash("instruct")) == (b.step_hash("instruct"), c.step_hash("instruct"))
-    assert b2.resume_key("instruct") == b.resume_key("instruct")
 
 
 def test_blank_images_keep_names_and_lose_every_pixel(tmp_path):

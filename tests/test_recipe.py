@@ -359,3 +359,44 @@ def test_encoder_world_splits_add_their_own_world_options(tmp_path):
     val = json.loads((root / "val" / "world.json").read_text())["config"]
     assert (train["min_objects"], train["max_objects"], train["width"], train["categories"]) == (1, 1, 96, ["circle", "star"])
     assert (val["min_objects"], val["max_objects"], val["width"]) == (2, 4, 96)
+
+
+def test_step_hashes_follow_what_decides_the_outputs(tmp_path):
+    """A step's hash holds its config file's content (not its path) and leaves run-only settings out, so changing
+    logging, workers or checkpoint retention redoes nothing while an edited encoder config redoes the encoder."""
+    import yaml
+
+    from llavakit.recipe.run import Recipe, StepResult
+
+    def hashes(cfg: dict) -> dict[str, str]:
+        r = Recipe(cfg, say=lambda m: None)
+        out = {}
+        for name in ("world", "data", "encoder", "init", "align", "ground", "instruct"):
+            out[name] = r.step_hash(name)
+            r.results[name] = StepResult(name, r.step_dir(name), out[name], out[name], True, 0.0, {})
+        return out
+
+    clip = tmp_path / "clip.yaml"
+    clip.write_text(yaml.safe_dump({"lr": 1e-3}))
+    cfg = tiny_recipe(tmp_path, tmp_path / "lm")
+    cfg["encoder"]["config"] = str(clip)
+    base = hashes(cfg)
+    run_only = json.loads(json.dumps(cfg))
+    run_only["encoder"]["wait_hours"] = 3.0
+    for stage in ("align", "instruct"):
+        run_only[stage]["train"]["data"]["num_workers"] = 2
+        run_only[stage]["train"]["log"]["progress"] = True
+        run_only[stage]["train"]["checkpoint"]["keep_last"] = 5
+    run_only["ground"]["train"]["data"] = {"on_bad_record": "error"}
+    assert hashes(run_only) == base
+    moved = tmp_path / "elsewhere.yaml"  # the same content under another path
+    moved.write_text(clip.read_text())
+    assert hashes({**cfg, "encoder": {**cfg["encoder"], "config": str(moved)}}) == base
+    clip.write_text(yaml.safe_dump({"lr": 2e-3}))  # edited in place: the encoder and all after it are redone
+    edited = hashes(cfg)
+    assert edited["world"] == base["world"] and edited["data"] == base["data"]
+    assert all(edited[n] != base[n] for n in ("encoder", "init", "align", "ground", "instruct"))
+    lr = json.loads(json.dumps(cfg))
+    lr["align"]["train"]["optim"]["lr"] = 5e-3  # a setting that decides the weights
+    changed = hashes(lr)
+    assert changed["init"] == edited["init"] and changed["align"] != edited["align"]

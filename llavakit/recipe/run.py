@@ -1,14 +1,14 @@
 """Run a recipe end to end, resumably: world -> data -> encoder -> init -> align -> [ground] -> instruct -> eval -> package.
 
 Every step writes its outputs into its own directory and, last, a marker file
-(`.recipe-step.json`) holding the step's hash: a digest of the step's settings and of the ids of
-the steps it reads. A step whose marker holds the current hash is skipped; one whose marker
-holds another hash is moved aside (`<dir>.stale-<hash>`) and redone. Training steps resume from
-their newest checkpoint and the evaluation from its answer files, but only work started with the
-same settings and inputs: a resuming step records its resume key (its hash without the settings
-a resumed run may change) in `.<dir>.pending` beside its dir, and unfinished work under another
-key, or a training run with another saved config, is moved aside (`<dir>.stale-partial`,
-`<dir>.stale-unfinished`) and started afresh.
+(`.recipe-step.json`) holding the step's hash: a digest of the step's settings (`Recipe.settings`:
+config files by content, run-only settings such as logging, worker count or checkpoint retention
+left out) and of the ids of the steps it reads. A step whose marker holds the current hash is
+skipped; one whose marker holds another hash is moved aside (`<dir>.stale-<hash>`) and redone.
+Training steps resume from their newest checkpoint and the evaluation from its answer files, but
+only work started with the same hash: a resuming step records it in `.<dir>.pending` beside its
+dir, and unfinished work under another hash, or a training run with another saved config, is
+moved aside (`<dir>.stale-partial`, `<dir>.stale-unfinished`) and started afresh.
 """
 
 from __future__ import annotations
@@ -159,15 +159,31 @@ class Recipe:
                 "eval": ["instruct", "world"], "package": ["instruct", "init", "eval"]}  # package: eval's table
         return [self.results[d].id for d in deps[name]]
 
-    def step_hash(self, name: str) -> str:
+    def settings(self, name: str) -> Any:
+        """What decides step `name`'s outputs: its section of the recipe, with the encoder's config file read (its
+        content counts, not its path) and run-only settings left out (a training step's RESUMABLE_CHANGES, the
+        encoder's wait): changing those redoes nothing."""
         from llavakit.datagen.grounding import GROUNDING_VERSION
         from llavakit.datagen.sceneqa import GENERATOR_VERSION  # new generator rules: new data
+        from llavakit.recipe.encoder import recipe_weight_settings
 
-        section = {"world": self.cfg["world"], "data": [self.cfg["data"], self.cfg["seed"], GENERATOR_VERSION],
-                   "encoder": self.cfg["encoder"], "init": self.cfg["init"], "align": self.cfg["align"],
-                   "ground": [self.cfg["ground"], self.cfg["world"]["options"], self.ground_train(), GROUNDING_VERSION],
-                   "instruct": self.instruct_settings(), "eval": self.cfg["eval"], "package": self.cfg["name"]}[name]
-        return digest(name, section, self.upstream(name))
+        cfg = self.cfg
+        if name == "encoder":
+            enc = {k: v for k, v in cfg["encoder"].items() if k not in ("config", "overrides", "wait_hours")}
+            return [enc, recipe_weight_settings(cfg["encoder"])]
+        if name == "align":
+            return {**cfg["align"], "train": _fixed_train_settings(cfg["align"]["train"])}
+        if name == "ground":
+            return [{k: v for k, v in cfg["ground"].items() if k != "train"}, cfg["world"]["options"],
+                    _fixed_train_settings(self.ground_train()), GROUNDING_VERSION]
+        if name == "instruct":
+            instruct = self.instruct_settings()
+            return [_fixed_train_settings(instruct["train"]), {k: v for k, v in instruct.items() if k != "train"}]
+        return {"world": cfg["world"], "data": [cfg["data"], cfg["seed"], GENERATOR_VERSION], "init": cfg["init"],
+                "eval": cfg["eval"], "package": cfg["name"]}[name]
+
+    def step_hash(self, name: str) -> str:
+        return digest(name, self.settings(name), self.upstream(name))
 
     def step(self, name: str) -> StepResult:
         path, h = self.step_dir(name), self.step_hash(name)
@@ -193,25 +209,10 @@ class Recipe:
         self.say(f"{name}: done in {seconds:.0f} s")
         return StepResult(name, path, h, step_id, False, seconds, info)
 
-    def resume_key(self, name: str) -> str:
-        """What unfinished work of step `name` must share to be resumed: its hash without resumable settings."""
-        if name == "align":
-            section = _fixed_train_settings(self.cfg[name]["train"])
-        elif name == "instruct":
-            section = [_fixed_train_settings(self.cfg[name]["train"]),
-                       {k: v for k, v in self.instruct_settings().items() if k != "train"}]
-        elif name == "ground":
-            from llavakit.datagen.grounding import GROUNDING_VERSION
-
-            section = [{k: v for k, v in self.cfg["ground"].items() if k != "train"}, self.cfg["world"]["options"],
-                       _fixed_train_settings(self.ground_train()), GROUNDING_VERSION]
-        else:
-            return self.step_hash(name)
-        return digest(name, "resume", section, self.upstream(name))
-
     def guard_partial(self, name: str, path: Path) -> None:
-        """Move aside unfinished work of `name` started under another resume key; record the current one."""
-        pending, key = pending_file(path), self.resume_key(name)
+        """Move aside unfinished work of `name` started under another hash (run-only settings are not in it, so a
+        resumed run may change those); record the current one."""
+        pending, key = pending_file(path), self.step_hash(name)
         if path.exists() and pending.is_file() and pending.read_text(encoding="utf-8").strip() != key:
             moved = move_aside(path, "partial")
             self.say(f"{name}: {path} was left unfinished with other settings or inputs; moved it to {moved}")
@@ -477,7 +478,7 @@ def write_replay_mix(data: Path, image_folder: Path, ground_dir: Path, ratio: fl
 
 
 def pending_file(path: Path) -> Path:
-    """Where a resuming step records the resume key of its unfinished work (beside its dir, so never wiped with it)."""
+    """Where a resuming step records the hash of its unfinished work (beside its dir, so never wiped with it)."""
     return path.with_name(f".{path.name}.pending")
 
 
