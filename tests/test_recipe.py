@@ -278,6 +278,7 @@ def test_demo_and_recipe_help(capsys):
 @pytest.mark.slow
 def test_killed_recipe_resumes_training_from_its_checkpoint(tmp_path):
     """SIGKILL inside instruct training (after step 2, checkpoint at 2); the rerun resumes there and finishes."""
+    import shutil
     import subprocess
     import sys
 
@@ -313,8 +314,14 @@ def test_killed_recipe_resumes_training_from_its_checkpoint(tmp_path):
     report = json.loads(report_file.read_text())
     assert report["resumed_from_step"] is None and report["steps"] == 3
     assert yaml.safe_load((out / "instruct" / "config.yaml").read_text())["optim"]["lr"] == 3e-3
-    # killed again; then ground changes (so instruct's inputs do, not its own settings): not resumed either
+    # a run-only setting (kill_after_step, as logging or workers) is not in the hash: the finished step is kept
     lr = ["instruct.train.optim.lr=3e-3"]
+    kept = subprocess.run(cmd + lr + ["instruct.train.runtime.kill_after_step=2", "--until", "instruct"],
+                          capture_output=True, text=True, timeout=900)
+    assert kept.returncode == 0 and "instruct: done already" in kept.stdout, kept.stdout[-2000:]
+    # killed again (its output removed first); then ground changes (so instruct's inputs do, not its own settings):
+    # not resumed either
+    shutil.rmtree(out / "instruct")
     killed = subprocess.run(cmd + lr + ["instruct.train.runtime.kill_after_step=2", "--until", "instruct"],
                             capture_output=True, text=True, timeout=900)
     assert killed.returncode != 0 and (out / ".instruct.pending").is_file(), killed.stdout[-2000:]
