@@ -55,3 +55,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class _RecordedSleeps:
+    """Stands in for the `time` module inside llavakit.openai_client: `sleep` records the wait and returns."""
+
+    def __init__(self):
+        import time
+
+        self._time = time
+        self.waits: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def __getattr__(self, name):
+        return getattr(self._time, name)
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The retry waits the shared OpenAI client (teacher and judge) asked for, in order (not slept)."""
+    from llavakit import openai_client
+
+    recorder = _RecordedSleeps()
+    monkeypatch.setattr(openai_client, "time", recorder)
+    return recorder.waits

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 
-import llavakit.openai_client as openai_client
 from llavakit.datagen import KINDS
 from llavakit.datagen.config import DatagenError, InstructConfig, SourceConfig, TeacherConfig
 from llavakit.datagen.instruct import generate_instruct
@@ -151,27 +150,6 @@ def server():
     fake = FakeOpenAI().start()
     yield fake
     fake.stop()
-
-
-class _RecordedSleeps:
-    """Stands in for the `time` module inside llavakit.openai_client: `sleep` records the wait and returns."""
-
-    def __init__(self):
-        self.waits: list[float] = []
-
-    def sleep(self, seconds: float) -> None:
-        self.waits.append(seconds)
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-
-@pytest.fixture
-def sleeps(monkeypatch) -> list[float]:
-    """The retry waits the shared OpenAI client asked for, in order (not slept)."""
-    recorder = _RecordedSleeps()
-    monkeypatch.setattr(openai_client, "time", recorder)
-    return recorder.waits
 
 
 def make_coco(root: Path, n: int) -> SourceConfig:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-import llavakit.openai_client as openai_client
 from llavakit.eval.common import EvalError
 from llavakit.eval.judge import (
     Judge,
@@ -81,27 +79,6 @@ def server():
     srv.shutdown()
     srv.server_close()
     thread.join(5)
-
-
-class _RecordedSleeps:
-    """Stands in for the `time` module inside llavakit.openai_client: `sleep` records the wait and returns."""
-
-    def __init__(self):
-        self.waits: list[float] = []
-
-    def sleep(self, seconds: float) -> None:
-        self.waits.append(seconds)
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-
-@pytest.fixture
-def sleeps(monkeypatch) -> list[float]:
-    """The retry waits the shared OpenAI client asked for, in order (not slept)."""
-    recorder = _RecordedSleeps()
-    monkeypatch.setattr(openai_client, "time", recorder)
-    return recorder.waits
 
 
 def config(server, tmp_path, **kw) -> JudgeConfig:
