@@ -489,6 +489,14 @@ def test_position_loss_names_each_objects_cell_from_its_patches(worlds, tmp_path
     assert not any("position" in k and "embedding" not in k for k in model.state_dict())
     with pytest.raises(ClipConfigError, match="position_loss_weight must be >= 0"):
         ClipTrainConfig(world="w", out="o", position_loss_weight=float("nan"))
+    from llavakit.train.clip import aux_heads
+
+    unplaced = [{**s, "objects": [{k: v for k, v in o.items() if k != "position"} for o in s["objects"]]} for s in scenes]
+    with pytest.raises(ClipConfigError, match="this world records none"):
+        aux_heads(cfg, unplaced, 64)
+    odd = [{**scenes[0], "objects": [{**scenes[0]["objects"][0], "position": "upstairs"}]}]
+    with pytest.raises(ValueError, match="object 0: position 'upstairs' is not one of top left"):
+        object_targets(odd, image_size=32, patch_size=8)
 
 
 def test_hard_batches_share_one_value_and_name_the_object():

@@ -449,11 +449,16 @@ def aux_heads(cfg: ClipTrainConfig, scenes: list[dict], width: int) -> list[tupl
     categories = CategoryHead.build(cfg, scenes, width)
     if categories is not None:
         heads.append(("category", cfg.category_loss_weight, categories))
-    targets = object_targets(scenes, cfg.image_size, cfg.patch_size) if cfg.object_loss_weight or cfg.position_loss_weight else None
+    if not (cfg.object_loss_weight or cfg.position_loss_weight):
+        return heads
+    targets = object_targets(scenes, cfg.image_size, cfg.patch_size)  # shared by both heads
     if cfg.object_loss_weight > 0:
         torch.manual_seed(cfg.seed + 3)
         heads.append(("object", cfg.object_loss_weight, ObjectHead(targets, width)))
     if cfg.position_loss_weight > 0:
+        if not (targets.positions != -100).any():
+            raise ClipConfigError("position_loss_weight needs objects with a `position` in the world's scene graphs; "
+                                  "this world records none")
         torch.manual_seed(cfg.seed + 4)
         heads.append(("position", cfg.position_loss_weight, PositionHead(targets, width)))
     return heads

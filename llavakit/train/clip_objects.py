@@ -56,7 +56,7 @@ class ObjectTargets:
 
 def object_targets(scenes: list[dict[str, Any]], image_size: int, patch_size: int) -> ObjectTargets:
     """The targets of `ObjectHead` and `PositionHead` for a world's scene graphs (objects without a colour or a
-    recorded position get -100 there)."""
+    recorded position get -100 there; a position that is not one of the nine cells is an error naming it)."""
     from llavakit.world.config import POSITIONS
 
     cats = sorted({o["category"] for s in scenes for o in s["objects"]})
@@ -73,7 +73,10 @@ def object_targets(scenes: list[dict[str, Any]], image_size: int, patch_size: in
             cat_labels[row, k] = cats.index(obj["category"])
             if obj.get("color"):
                 col_labels[row, k] = cols.index(obj["color"])
-            if obj.get("position") in POSITIONS:
+            if obj.get("position") is not None:  # a world without positions (e.g. COCO's) has none: -100
+                if obj["position"] not in POSITIONS:
+                    raise ValueError(f"scene {scene.get('image_id', row)}, object {k}: position {obj['position']!r} "
+                                     f"is not one of {', '.join(POSITIONS)}")
                 pos_labels[row, k] = POSITIONS.index(obj["position"])
     return ObjectTargets(masks, cat_labels, col_labels, cats, cols, pos_labels)
 
