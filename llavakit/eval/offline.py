@@ -47,10 +47,10 @@ from llavakit.eval.common import (
 )
 from llavakit.eval.pope import binary_metrics
 from llavakit.eval.text import LETTERS, normalize_vqa, parse_letter, parse_yes_no_pope
+from llavakit.world.config import POSITIONS  # the nine cells, one definition
 
 FORMAT = "llavakit-offline-benchmark"
 VERSION = 2  # 2: count questions balanced over 0..5 (colours, all shapes, absent categories)
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 SHORT_TASKS = ("color", "shape", "count", "position", "existence")
 POPE_SPLITS = ("random", "popular", "adversarial")
 DESCRIBE_PROMPT = "Describe this image in detail."
