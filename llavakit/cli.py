@@ -43,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_error(exc: Exception) -> bool:
+    """Errors about the user's input or files, said in one line; anything else is a bug and keeps its traceback.
+
+    OSError covers a missing, existing, unreadable or non-image file (PIL's UnidentifiedImageError is one).
+    """
+    from PIL import Image
+
+    return isinstance(exc, (CLIError, OSError, ValueError, KeyError, Image.DecompressionBombError))
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -57,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError, KeyError) as exc:
-        if debug:
+    except Exception as exc:
+        if debug or not _input_error(exc):
             raise
         print(f"llavakit {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -54,6 +54,16 @@ def test_init_cli_error_is_clear(tiny_parts, tmp_path, capsys):
     assert "unknown chat template 'vicuna'" in capsys.readouterr().err
 
 
+def test_file_errors_are_one_line_naming_the_path(tiny_parts, tmp_path, capsys):
+    out = tmp_path / "m"
+    (out / "keep.txt").parent.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = main(["init", "--vision", str(tiny_parts["clip"]), "--lm", str(tiny_parts["llama"]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"output dir {out} exists and is not empty" in err and "Traceback" not in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
 def test_data_inspect_and_check(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "d.json"
     good = {"id": "g", "image": "a.png", "conversations": [
