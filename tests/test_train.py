@@ -554,6 +554,17 @@ def test_truncated_records_are_counted_and_reported(tiny_model_dir, squares, bad
     assert "data.truncate: 1 record(s) cut at max_length 120 (1 train, 0 eval) (ids: long-caption)" in capsys.readouterr().out
 
 
+def test_the_records_an_incomplete_last_batch_leaves_out_are_said_on_screen(tiny_model_dir, squares, bad_data, tmp_path, capsys):
+    path = bad_data["write"]("d.json", bad_data["good"] + [dict(r, id=f"{r['id']}-again") for r in bad_data["good"][:3]])
+    cfg = config("align", tiny_model_dir, tmp_path / "out", path, squares["images"],
+                 data={"eval_size": 0}, optim={"batch_size": 16, "micro_batch_size": 8})
+    r = report(train(cfg))
+    left = r["records"]["train"] - 16
+    assert r["steps"] == 1 and r["records"]["dropped_incomplete_batch_per_epoch"] == left > 0
+    want = f"optim.batch_size 16: {16 + left} training records make 1 full global batch(es) per epoch; {left} record(s) are never trained"
+    assert want in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("recipe", ["llava-1.5-7b/align.yaml", "llava-1.5-7b/instruct.yaml", "llava-1.5-7b-lora/instruct.yaml"])
 def test_dry_run_of_the_7b_recipes(recipe, capsys, monkeypatch):
     monkeypatch.chdir(REPO)

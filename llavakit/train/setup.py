@@ -332,6 +332,18 @@ def geometry(run: Run) -> None:
         run.total_steps = min(run.total_steps, o.max_steps)
 
 
+def remainder_line(run: Run) -> str | None:
+    """What the incomplete last global batch of an epoch leaves out, said on screen (report.json records it too)."""
+    o = run.cfg.optim
+    left = len(run.train_index) - run.steps_per_epoch * o.batch_size
+    if not left:
+        return None
+    which = ("never trained" if o.epochs == 1 else
+             f"left out of each epoch (a different {left} each epoch: the order is reshuffled)")
+    return (f"optim.batch_size {o.batch_size}: {len(run.train_index)} training records make {run.steps_per_epoch} "
+            f"full global batch(es) per epoch; {left} record(s) are {which}")
+
+
 def setup(cfg: TrainConfig, resume: bool) -> Run:
     """Everything up to the first step: data, model, accelerator, optimizer, and the resumed state."""
     from accelerate.utils import set_seed

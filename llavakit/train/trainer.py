@@ -26,7 +26,7 @@ import torch
 
 from llavakit.train import checkpoint as ckpt
 from llavakit.train.config import TrainConfig
-from llavakit.train.setup import Run, handle_failures, setup
+from llavakit.train.setup import Run, handle_failures, remainder_line, setup
 
 
 # ---- steps ------------------------------------------------------------------------------------
@@ -274,6 +274,8 @@ def _train(cfg: TrainConfig, resume: bool) -> Path:
         (run.out / "config.yaml").write_text(cfg.to_yaml())
         if cfg.data.truncate:
             print(run.truncation.line(), flush=True)
+        if (remainder := remainder_line(run)) is not None:
+            print(remainder, flush=True)
     resume_step = -1 if run.restarted else run.resumed_from  # -1: a restart keeps none of the stopped start's records
     run.metrics = Metrics(run.out, enabled=run.is_main, tensorboard=cfg.log.tensorboard, resume_step=resume_step)
     run.progress = Progress(run.total_steps, run.state.step, enabled=run.is_main and cfg.log.progress)
