@@ -244,3 +244,78 @@ def test_llava_bench_needs_a_judge():
         bench.score(items, model_answers())
     with pytest.raises(EvalError, match="URL and a model"):
         JudgeConfig(url="", model="m", cache_dir=Path("."))
+
+
+# ---------------------------------------------------------------- LLaVA-Bench files
+
+
+def test_llava_bench_coco_release_shows_captions_then_boxes():
+    """llava-bench-coco: qa90 questions and references, and caps_boxes rows (captions + instances) as the context."""
+    items = get_benchmark("llava_bench").load(FIX / "llava_bench_coco")
+    assert [it.question_id for it in items] == [0, 1] and [it.category for it in items] == ["conv", "complex"]
+    assert items[0].images == (str(FIX / "llava_bench_coco/images/COCO_val2014_000000000101.jpg"),)
+    assert items[1].answer == "The person will probably pour tea into the cups."
+    assert items[0].meta["context"] == (
+        "A person holds a teapot over a table.\nTwo cups stand on a wooden table.\n\n"
+        "person: [0.1, 0.05, 0.52, 0.98]\ncup: [0.6, 0.7, 0.68, 0.8]\ncup: [0.72, 0.69, 0.8, 0.79]"
+    )
+
+
+def _bench_copy(tmp_path, name="llava_bench") -> Path:
+    import shutil
+
+    return Path(shutil.copytree(FIX / name, tmp_path / name))
+
+
+def _rewrite(path: Path, line: int, edit) -> None:
+    """Apply `edit` to the JSON object on 1-based `line` of a JSON-lines file."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    edit(rows[line - 1])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize(("name", "file", "line", "edit", "message"), [
+    ("llava_bench", "context.jsonl", 1, lambda r: r.pop("caption"),
+     r"context.jsonl:1: no 'caption' field \(nor 'captions'\)"),
+    ("llava_bench", "context.jsonl", 1, lambda r: r.update(caption="  "),
+     r"context.jsonl:1: 'caption' is '  ', not a non-empty text"),
+    ("llava_bench", "context.jsonl", 2, lambda r: r.update(caption=[]), r"context.jsonl:2: 'caption' is \[\]"),
+    ("llava_bench", "context.jsonl", 2, lambda r: r.pop("image"), r"context.jsonl:2: no 'image' field"),
+    ("llava_bench", "context.jsonl", 2, lambda r: r.update(image="001.jpg"),
+     r"context.jsonl:2: image '001.jpg' again \(first at line 1\)"),
+    ("llava_bench", "questions.jsonl", 2, lambda r: r.pop("image"), r"questions.jsonl:2 \(question 1\): no 'image' field"),
+    ("llava_bench", "questions.jsonl", 3, lambda r: r.pop("category"),
+     r"questions.jsonl:3 \(question 2\): no 'category' field"),
+    ("llava_bench", "questions.jsonl", 1, lambda r: r.pop("question_id"), r"questions.jsonl:1: no 'question_id' field"),
+    ("llava_bench", "questions.jsonl", 3, lambda r: r.update(image="003.jpg"),
+     r"questions.jsonl:3 \(question 2\): no description of image '003.jpg' in .*context.jsonl"),
+    ("llava_bench", "answers_gpt4.jsonl", 2, lambda r: r.pop("text"), r"answers_gpt4.jsonl:2: no 'text' field"),
+    ("llava_bench_coco", "caps_boxes_coco2014_val_80.jsonl", 1, lambda r: r.pop("instances"),
+     r"caps_boxes_coco2014_val_80.jsonl:1: no 'instances' field"),
+    ("llava_bench_coco", "caps_boxes_coco2014_val_80.jsonl", 1, lambda r: r["instances"][1].update(bbox=[1, 2, 3]),
+     r"caps_boxes_coco2014_val_80.jsonl:1: instance 1: 'bbox' is \[1, 2, 3\], not \[x1, y1, x2, y2\]"),
+    ("llava_bench_coco", "caps_boxes_coco2014_val_80.jsonl", 1, lambda r: r.update(captions=["ok", ""]),
+     r"caps_boxes_coco2014_val_80.jsonl:1: 'captions' is \['ok', ''\]"),
+    ("llava_bench_coco", "qa90_gpt4_answer.jsonl", 1, lambda r: r.update(question_id=1),
+     r"qa90_gpt4_answer.jsonl:2: question_id 1 again \(first at line 1\)"),
+])  # fmt: skip
+def test_llava_bench_files_missing_a_field_name_the_file_and_line(tmp_path, name, file, line, edit, message):
+    data = _bench_copy(tmp_path, name)
+    _rewrite(data / file, line, edit)
+    with pytest.raises(EvalError, match=message):
+        get_benchmark("llava_bench").load(data)
+
+
+def test_llava_bench_release_is_found_by_its_questions_file(tmp_path):
+    data = _bench_copy(tmp_path)
+    (data / "qa90_questions.jsonl").write_text((data / "questions.jsonl").read_text())
+    with pytest.raises(EvalError, match="holds both questions.jsonl and qa90_questions.jsonl"):
+        get_benchmark("llava_bench").load(data)
+    for f in ("questions.jsonl", "qa90_questions.jsonl"):
+        (data / f).unlink()
+    with pytest.raises(FileNotFoundError, match="looked for questions.jsonl or qa90_questions.jsonl"):
+        get_benchmark("llava_bench").load(data)
+    coco = _bench_copy(tmp_path, "llava_bench_coco")
+    (coco / "caps_boxes_coco2014_val_80.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="llava-bench-coco caps_boxes_coco2014_val_80.jsonl not found"):
+        get_benchmark("llava_bench").load(coco)
