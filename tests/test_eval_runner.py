@@ -137,26 +137,91 @@ def test_every_fixture_runs_end_to_end(tmp_path):
 
 
 class FakePipeline:
-    def __init__(self):
-        self.calls = []
+    """The pipeline calls the adapter makes: `prompt` (recorded; PromptError on a marker/image mismatch),
+    `run_prompts` (answers "answer <n>" in call order) and `max_batch_size`."""
 
-    def generate(self, batch, max_new_tokens, temperature):
-        self.calls.append((batch, max_new_tokens, temperature))
-        return [f"answer {i}" for i in range(len(batch))]
+    def __init__(self, max_batch_size: int = 8):
+        self.max_batch_size = max_batch_size
+        self.prompts: list[tuple[list, str]] = []
+        self.runs: list[list] = []
+
+    def prompt(self, images, text):
+        from llavakit.infer.prompt import PromptError
+
+        if text.count("<image>") != len(images):
+            raise PromptError(f"the conversation has {text.count('<image>')} <image> marker(s) but {len(images)} image(s)")
+        self.prompts.append((images, text))
+        return len(self.prompts) - 1
+
+    def run_prompts(self, prompts, params):
+        self.runs.append([(self.prompts[p][1], sp.max_new_tokens, sp.temperature) for p, sp in zip(prompts, params)])
+        return [types.SimpleNamespace(text=f"answer {p}") for p in prompts]
 
 
 def test_pipeline_adapter_passes_images_and_prompts():
     items = BENCHMARKS["scienceqa"].load(FIX / "scienceqa")[:2]
     pipe = FakePipeline()
     assert pipeline_predict_fn(pipe)(items) == ["answer 0", "answer 1"]
-    (batch, budget, temperature), = pipe.calls
-    assert budget == 32 and temperature == 0.0
-    (imgs0, prompt0), (imgs1, prompt1) = batch
-    assert prompt0 == items[0].prompt and prompt1 == items[1].prompt
+    assert pipe.runs == [[(items[0].prompt, 32, 0.0), (items[1].prompt, 32, 0.0)]]
+    (imgs0, _), (imgs1, _) = pipe.prompts
     assert len(imgs0) == 1 and imgs0[0].mode == "RGB" and imgs0[0].size == (8, 8)
     assert imgs1 == []  # a text-only question has no image and no <image> marker
     pipeline_predict_fn(pipe, max_new_tokens=5)(items)
-    assert pipe.calls[-1][1] == 5
+    assert [budget for _, budget, _ in pipe.runs[-1]] == [5, 5]
+
+
+def test_pipeline_adapter_keeps_each_budget_and_the_pipeline_batch_size():
+    items = [EvalItem(f"q{i}", "text only", max_new_tokens=n) for i, n in enumerate([32, 32, 1024])]
+    pipe = FakePipeline(max_batch_size=2)
+    assert pipeline_predict_fn(pipe)(items) == ["answer 0", "answer 1", "answer 2"]
+    assert [[budget for _, budget, _ in run] for run in pipe.runs] == [[32, 32], [1024]]
+
+
+def test_pipeline_adapter_loads_images_as_training_does(tmp_path):
+    """RGBA is composited on white and 16-bit grey scaled, by llavakit's loader, not Pillow's convert."""
+    import numpy as np
+    from PIL import Image
+
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.fromarray(np.full((4, 4), 128 * 257, dtype=np.uint16)).save(tmp_path / "deep.png")
+    items = [EvalItem(1, "<image>\nq", images=(str(tmp_path / "clear.png"),)),
+             EvalItem(2, "<image>\nq", images=(str(tmp_path / "deep.png"),))]  # fmt: skip
+    pipe = FakePipeline()
+    pipeline_predict_fn(pipe)(items)
+    (clear, _), (deep, _) = pipe.prompts
+    assert clear[0].mode == "RGB" and clear[0].getpixel((0, 0)) == (255, 255, 255)
+    assert deep[0].getpixel((0, 0)) == (128, 128, 128)  # Pillow's convert clips it to 255
+
+
+def test_corrupt_image_names_the_question_and_the_file(tmp_path, capsys, monkeypatch):
+    """A benchmark image that is not an image (or is cut short) stops the run with the question id and the path,
+    through the CLI as an error line, not a traceback; the answers before it are kept."""
+    data = _copy_fixture(tmp_path, "gqa")
+    questions = json.loads((data / "testdev_balanced_questions.json").read_text())
+    (data / "images" / "n1002.jpg").write_bytes(b"this is not a jpeg")
+    pipe = FakePipeline()
+    with pytest.raises(EvalError, match=r"question 'g003': .*n1002\.jpg: not an image"):
+        pipeline_predict_fn(pipe)([BENCHMARKS["gqa"].load(data)[2]])
+    whole = (data / "images" / "n1001.jpg").read_bytes()
+    (data / "images" / "n1002.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(EvalError, match=r"question 'g003': .*n1002\.jpg: corrupt or truncated image"):
+        pipeline_predict_fn(pipe)([BENCHMARKS["gqa"].load(data)[2]])
+
+    api = types.ModuleType("llavakit.infer.api")
+    api.load_pipeline = lambda model: pipe
+    monkeypatch.setitem(sys.modules, "llavakit.infer.api", api)
+    out = tmp_path / "out"
+    argv = ["eval", "--model", "m", "--benchmark", "gqa", "--data", str(data), "--out", str(out), "--batch-size", "2"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert re.search(r"error: question 'g003': .*n1002\.jpg: corrupt or truncated image", err), err
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2 and len(questions) == 3
+
+
+def test_prompt_error_names_the_question_and_its_images(tmp_path):
+    item = EvalItem("q9", "no marker here", images=(str(FIX / "gqa/images/n1001.jpg"),))
+    with pytest.raises(EvalError, match=r"question 'q9' \(.*n1001\.jpg\): the conversation has 0 <image> marker"):
+        pipeline_predict_fn(FakePipeline())([item])
 
 
 # ---------------------------------------------------------------- the command
@@ -186,7 +251,7 @@ def test_cli_eval_with_a_fake_inference_layer(tmp_path, capsys, monkeypatch):
     argv += ["--batch-size", "2"]
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
-    assert loaded == ["tiny-m"] and [len(c[0]) for c in pipe.calls] == [2, 1]
+    assert loaded == ["tiny-m"] and [len(run) for run in pipe.runs] == [2, 1]
     assert "# gqa — tiny-m" in out and "| accuracy |" in out
     rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [r["model_id"] for r in rows] == ["tiny-m"] * 3
