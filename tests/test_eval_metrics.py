@@ -198,6 +198,12 @@ def test_vqav2_fixture():
     assert r["breakdown"]["answer_type"]["yes/no"]["accuracy"] == pytest.approx(100.0)
     # "an umbrella" normalises to "umbrella": 7 of 10 -> 1.0
     assert bench.score(list(items.values()), answers | {77000: "umbrella"})["breakdown"]["answer_type"]["other"]["accuracy"] == 100.0
+    # per question type, as vqaEval.py's accQuestionType (from the annotations' question_type)
+    assert r["breakdown"]["question_type"] == {
+        "how many": {"accuracy": pytest.approx(60.0), "count": 1},
+        "is the": {"accuracy": 100.0, "count": 1},
+        "what is the": {"accuracy": pytest.approx(60.0), "count": 1},
+    }
 
 
 def test_gqa_fixture():

@@ -366,3 +366,75 @@ def test_cli_eval_with_a_real_tiny_model(tiny_model_dir, tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["benchmark"] == "pope" and 0.0 <= results["metrics"][results["primary"]] <= 100.0
     assert "# pope" in out
+
+
+# ---------------------------------------------------------------- VQAv2 test-dev submission
+
+
+def _vqa_testdev(tmp_path) -> Path:
+    """A test-dev2015 directory: questions only (no annotations), images in test2015/ as COCO_test2015_*.jpg."""
+    data = tmp_path / "testdev"
+    (data / "test2015").mkdir(parents=True)
+    questions = json.loads((FIX / "vqav2/v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    questions["data_subtype"] = "test-dev2015"
+    (data / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(json.dumps(questions))
+    for image_id in (42, 77):
+        src = FIX / f"vqav2/val2014/COCO_val2014_{image_id:012d}.jpg"
+        (data / "test2015" / f"COCO_test2015_{image_id:012d}.jpg").write_bytes(src.read_bytes())
+    everything = dict(questions, data_subtype="test2015")
+    everything["questions"] = questions["questions"] + [{"image_id": 90, "question": "Why?", "question_id": 90000}]
+    (tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json").write_text(json.dumps(everything))
+    return data
+
+
+def test_vqav2_submission_rows_are_normalised_and_fill_the_other_test_questions(tmp_path):
+    from llavakit.eval.vqav2 import VQAv2, submission_rows, write_submission
+
+    data = _vqa_testdev(tmp_path)
+    items = VQAv2(questions_only=True).load(data)
+    assert items[0].images == (str(data / "test2015/COCO_test2015_000000000042.jpg"),) and items[0].answer is None
+    with pytest.raises(EvalError, match="without annotations .* --submission"):
+        VQAv2(questions_only=True).score(items, {})
+    with pytest.raises(FileNotFoundError, match="no VQA annotations .* see --submission"):
+        VQAv2().load(data)
+    answers = {42000: "Two.", 42001: "Yes, it is", 77000: "An umbrella"}
+    assert submission_rows(items, answers) == [
+        {"question_id": 42000, "answer": "2"}, {"question_id": 42001, "answer": "yes it is"},
+        {"question_id": 77000, "answer": "umbrella"}]  # fmt: skip
+    with pytest.raises(EvalError, match="no answer for 1 question"):
+        submission_rows(items, {42000: "2", 42001: "yes"})
+    done = write_submission(tmp_path / "s.json", items, answers, tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json")
+    assert (done.answered, done.blank) == (3, 1)
+    assert json.loads((tmp_path / "s.json").read_text())[-1] == {"question_id": 90000, "answer": ""}
+    with pytest.raises(EvalError, match="1 answered question.*e.g. 77000.*not among the full question list"):
+        submission_rows(items, answers, [42000, 42001])
+
+
+def test_cli_vqav2_submission(tmp_path, capsys, monkeypatch):
+    data = _vqa_testdev(tmp_path)
+    everything = str(tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json")
+    pipe = FakePipeline()
+    api = types.ModuleType("llavakit.infer.api")
+    api.load_pipeline = lambda model: pipe
+    monkeypatch.setitem(sys.modules, "llavakit.infer.api", api)
+    out = tmp_path / "run"
+    argv = ["eval", "--model", "m", "--benchmark", "vqav2", "--data", str(data), "--out", str(out), "--submission",
+            "--all-questions", everything]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert f"wrote {out / 'submission.json'}: 3 answer(s), and an empty answer to 1 other question(s)" in stdout
+    rows = json.loads((out / "submission.json").read_text())
+    assert [r["question_id"] for r in rows] == [42000, 42001, 77000, 90000] and rows[0]["answer"] == "answer 0"
+    assert not (out / "results.json").exists()
+
+    (out / "submission.json").unlink()  # from the answers file alone, no model
+    code, stdout, err = run_cli(["eval", "vqav2-submission", "--data", str(data), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert [r["question_id"] for r in json.loads((out / "submission.json").read_text())] == [42000, 42001, 77000]
+
+    code, _, err = run_cli(["eval", "--model", "m", "--benchmark", "gqa", "--data", str(FIX / "gqa"), "--out",
+                            str(tmp_path / "g"), "--submission"], capsys)  # fmt: skip
+    assert code == 1 and "--submission writes the VQAv2 evaluation-server file; not for gqa" in err
+    code, _, err = run_cli(["eval", "--model", "m", "--benchmark", "vqav2", "--data", str(data), "--out",
+                            str(tmp_path / "v"), "--all-questions", everything], capsys)  # fmt: skip
+    assert code == 1 and "--all-questions goes with --submission" in err
