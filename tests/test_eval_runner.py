@@ -170,11 +170,12 @@ def test_pipeline_adapter_passes_images_and_prompts():
     assert [budget for _, budget, _ in pipe.runs[-1]] == [5, 5]
 
 
-def test_pipeline_adapter_keeps_each_budget_and_the_pipeline_batch_size():
-    items = [EvalItem(f"q{i}", "text only", max_new_tokens=n) for i, n in enumerate([32, 32, 1024])]
+def test_pipeline_adapter_runs_the_batch_as_generate_would():
+    """The largest budget of the batch for every row (as before), the pipeline's own batch size."""
+    items = [EvalItem(f"q{i}", "text only", max_new_tokens=n) for i, n in enumerate([32, 32, 256])]
     pipe = FakePipeline(max_batch_size=2)
     assert pipeline_predict_fn(pipe)(items) == ["answer 0", "answer 1", "answer 2"]
-    assert [[budget for _, budget, _ in run] for run in pipe.runs] == [[32, 32], [1024]]
+    assert [[budget for _, budget, _ in run] for run in pipe.runs] == [[256, 256], [256]]
 
 
 def test_pipeline_adapter_loads_images_as_training_does(tmp_path):

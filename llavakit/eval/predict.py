@@ -35,14 +35,16 @@ def item_prompt(pipe: Any, item: EvalItem) -> Any:
 
 
 def pipeline_predict_fn(pipe: Any, max_new_tokens: int | None = None) -> PredictFn:
-    """Adapt a pipeline to a PredictFn: one prompt per item (`item_prompt`), greedy decoding, each item with its
-    own token budget unless `max_new_tokens` overrides them all; rows go to the model `pipe.max_batch_size` at a time."""
+    """Adapt a pipeline to a PredictFn: one prompt per item (`item_prompt`), greedy decoding, as `pipe.generate`
+    would run the batch: `pipe.max_batch_size` rows at a time, `max_new_tokens` (else the largest budget in the
+    batch; the runner batches items of like budgets together) for every row."""
 
     def predict(items: list[EvalItem]) -> list[str]:
         from llavakit.infer.params import SamplingParams
 
         prompts = [item_prompt(pipe, item) for item in items]
-        params = [SamplingParams(max_new_tokens or item.max_new_tokens, temperature=0.0) for item in items]
+        budget = max_new_tokens or max(item.max_new_tokens for item in items)
+        params = [SamplingParams(budget, temperature=0.0)] * len(prompts)
         step = pipe.max_batch_size
         texts: list[str] = []
         for lo in range(0, len(prompts), step):
