@@ -72,6 +72,9 @@ def _bench_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--judge-model", default=None, help="judge model name")
     g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="env var holding the API key (default OPENAI_API_KEY)")
     g.add_argument("--judge-cache", default=None, help="review cache directory (default OUT/judge_cache)")
+    g.add_argument("--judge-rules", default=None, metavar="PATH", help="judge rules: a file in llavakit's format (as "
+                   "llavakit/eval/judge_rules.json, our wording, the default) or LLaVA's llava/eval/table/rule.json "
+                   "(LLaVA's review protocol, for scores comparable with published ones)")
 
 
 def _all_questions_arg(p: argparse.ArgumentParser) -> None:
@@ -84,13 +87,16 @@ def _benchmark(args: argparse.Namespace):
     from pathlib import Path
 
     from llavakit.eval.common import EvalError
-    from llavakit.eval.judge import JudgeConfig
+    from llavakit.eval.judge import JudgeConfig, load_rules
     from llavakit.eval.registry import get_benchmark
 
     bench = get_benchmark(args.benchmark)
     if args.benchmark == "llava_bench":
         cache = Path(args.judge_cache) if args.judge_cache else Path(args.out) / "judge_cache"
-        judge = JudgeConfig(url=args.judge_url or "", model=args.judge_model or "", cache_dir=cache, api_key_env=args.judge_key_env)
+        rules = Path(args.judge_rules) if args.judge_rules else None
+        judge = JudgeConfig(url=args.judge_url or "", model=args.judge_model or "", cache_dir=cache,
+                            api_key_env=args.judge_key_env, rules=rules)
+        load_rules(rules)  # an unreadable rules file stops the run before the model is loaded
         bench = dataclasses.replace(bench, judge=judge)
     if getattr(args, "submission", False):
         if args.benchmark != "vqav2":

@@ -11,8 +11,9 @@ Two official releases are read, told apart by their questions file (see `LAYOUTS
   line per instance (bbox as given in the file).
 
 Images are at `DIR/images/<image>`. Each question is reviewed with the reference as assistant 1
-and the model as assistant 2. Relative score = mean model grade / mean reference grade x 100,
-per category and overall.
+and the model as assistant 2, under the judge's rules (`JudgeConfig.rules`; every question's
+category must have a rule, checked when the questions are loaded). Relative score = mean model
+grade / mean reference grade x 100, per category and overall.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from llavakit.eval.common import (
     read_jsonl_numbered,
     require_file,
 )
-from llavakit.eval.judge import Judge, JudgeConfig, Review, ReviewRequest
+from llavakit.eval.judge import Judge, JudgeConfig, Review, ReviewRequest, load_rules
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,16 @@ class LlavaBench:
         qpath = root / layout.questions
         items = [self._item(root, layout, q, f"{qpath}:{lineno}", contexts, refs) for lineno, q in read_jsonl_numbered(qpath)]
         check_unique_ids(items, qpath)
+        self._check_rules(items, qpath)
         return items
+
+    def _check_rules(self, items: Sequence[EvalItem], qpath: Path) -> None:
+        """With a judge set, every question's category has a rule in its rules file (before any prediction)."""
+        if self.judge is None:
+            return
+        rules = load_rules(self.judge.rules)
+        for item in items:
+            rules.rule_for(item.category, item.meta["release"], f"{qpath}: question {item.question_id!r}")
 
     def _item(self, root: Path, layout: Layout, q: Any, where: str, contexts: Mapping[str, str],
               refs: Mapping[Any, str]) -> EvalItem:  # fmt: skip
@@ -171,7 +181,7 @@ class LlavaBench:
             answer=refs[qid],
             category=category,
             max_new_tokens=LONG_MAX_NEW_TOKENS,
-            meta={"context": contexts[image], "question": text},
+            meta={"context": contexts[image], "question": text, "release": layout.release},
         )
 
     def score(self, items: Sequence[EvalItem], answers: Mapping[QuestionId, str]) -> dict[str, Any]:
@@ -182,9 +192,10 @@ class LlavaBench:
         reviews = []
         with Judge(self.judge) as judge:
             for item, text in zip(items, texts):
-                req = ReviewRequest(item.question_id, item.category, item.meta["context"], item.meta["question"], item.answer, text)
+                req = ReviewRequest(item.question_id, item.category, item.meta["context"], item.meta["question"],
+                                    item.answer, text, item.meta["release"])
                 reviews.append((item.category, judge.review(req)))
-            calls = judge.calls
+            calls, rules = judge.calls, judge.rules
         rows = relative_scores(reviews)
         metrics = {"relative_score": rows["all"]["relative_score"]} | {
             f"{c}_relative": r["relative_score"] for c, r in rows.items() if c != "all"
@@ -192,6 +203,7 @@ class LlavaBench:
         details = {
             "judge_model": self.judge.model,
             "judge_calls": calls,
+            "judge_rules": {"file": rules.source, "format": rules.style, "sha256": rules.digest},
             "reviews": {str(r.question_id): [r.reference_score, r.model_score] for _, r in reviews},
         }
         return make_result(self.name, len(items), "relative_score", metrics, {"category": rows}, details)
