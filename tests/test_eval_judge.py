@@ -15,7 +15,6 @@ import pytest
 from llavakit.eval.common import EvalError
 from llavakit.eval.judge import (
     LLAVA_RULE_PREFIX,
-    LLAVA_SYSTEM,
     Judge,
     JudgeConfig,
     JudgeError,
@@ -126,9 +125,10 @@ def test_prompt_has_every_part_and_the_category_rule():
 
 def test_llava_rules_build_llavas_layout_with_the_files_rule():
     """A LLaVA rule.json: bracketed sections, texts as given, the release's rule key (llava_bench_<c> in the wild,
-    the bare category for COCO), LLaVA's system message."""
+    the bare category for COCO); the file has no system message, so ours unless one is given."""
     rules = load_rules(LLAVA_RULES)
-    assert rules.style == "llava" and rules.system == LLAVA_SYSTEM and rules.source == str(LLAVA_RULES)
+    assert rules.style == "llava" and rules.system == load_rules().system and rules.source == str(LLAVA_RULES)
+    assert load_rules(LLAVA_RULES, "Grade as in the paper.").system == "Grade as in the paper."
     raw = json.loads(LLAVA_RULES.read_text())
     req = ReviewRequest(5, "detail", "Line one.\nLine two.", "Q?", " Ref. ", "Model.")
     assert build_prompt(rules, req) == (
@@ -299,14 +299,14 @@ def _llava_rules_copy(tmp_path, drop: str = "", edit: str = "") -> Path:
 
 
 def test_llava_bench_with_llavas_rules(server, tmp_path):
-    """In the wild under a LLaVA rule.json: LLaVA's system message and layout, the llava_bench_<category> rules."""
+    """In the wild under a LLaVA rule.json: LLaVA's layout, the llava_bench_<category> rules, our system message."""
     raw = json.loads(LLAVA_RULES.read_text())
     bench = replace(get_benchmark("llava_bench"), judge=config(server, tmp_path, rules=LLAVA_RULES))
     r = bench.score(bench.load(FIX / "llava_bench"), model_answers())
     assert r["metrics"]["relative_score"] == pytest.approx(100 * (19 / 3) / 8)
     assert r["details"]["judge_rules"]["format"] == "llava" and r["details"]["judge_rules"]["file"] == str(LLAVA_RULES)
     system, user = (m["content"] for m in server.requests[0]["body"]["messages"])
-    assert system == LLAVA_SYSTEM
+    assert system == load_rules().system == r["details"]["judge_rules"]["system"]
     assert user == ("[Context]\nA small kitchen with a red kettle on a gas stove and a window above the sink.\n\n"
                     "[Question]\nWhat colour is the kettle?\n\n[Assistant 1]\nThe kettle is red.\n\n[End of Assistant 1]\n\n"
                     "[Assistant 2]\nIt is red.\n\n[End of Assistant 2]\n\n"
@@ -381,9 +381,10 @@ def test_cli_judge_rules_option(server, tmp_path, capsys):
     (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     argv = ["eval", "score", "--benchmark", "llava_bench", "--data", str(FIX / "llava_bench"), "--out", str(out),
             "--judge-url", config(server, tmp_path).url, "--judge-model", "judge-x", "--judge-key-env", KEY_ENV]
-    assert main([*argv, "--judge-rules", str(LLAVA_RULES)]) == 0
-    assert json.loads((out / "results.json").read_text())["details"]["judge_rules"]["format"] == "llava"
-    assert server.requests[0]["body"]["messages"][0]["content"] == LLAVA_SYSTEM
+    assert main([*argv, "--judge-rules", str(LLAVA_RULES), "--judge-system", "Check the answers."]) == 0
+    written = json.loads((out / "results.json").read_text())["details"]["judge_rules"]
+    assert written["format"] == "llava" and written["system"] == "Check the answers."
+    assert server.requests[0]["body"]["messages"][0]["content"] == "Check the answers."
     capsys.readouterr()
     bad = tmp_path / "bad.json"
     bad.write_text('{"conv": {"role": "Assistant"}}')

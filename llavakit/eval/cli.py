@@ -75,6 +75,8 @@ def _bench_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--judge-rules", default=None, metavar="PATH", help="judge rules: a file in llavakit's format (as "
                    "llavakit/eval/judge_rules.json, our wording, the default) or LLaVA's llava/eval/table/rule.json "
                    "(LLaVA's review protocol, for scores comparable with published ones)")
+    g.add_argument("--judge-system", default=None, metavar="TEXT", help="the judge's system message, in place of "
+                   "the rules file's (a LLaVA rule.json has none; llavakit's is sent unless this is given)")
 
 
 def _all_questions_arg(p: argparse.ArgumentParser) -> None:
@@ -95,8 +97,8 @@ def _benchmark(args: argparse.Namespace):
         cache = Path(args.judge_cache) if args.judge_cache else Path(args.out) / "judge_cache"
         rules = Path(args.judge_rules) if args.judge_rules else None
         judge = JudgeConfig(url=args.judge_url or "", model=args.judge_model or "", cache_dir=cache,
-                            api_key_env=args.judge_key_env, rules=rules)
-        load_rules(rules)  # an unreadable rules file stops the run before the model is loaded
+                            api_key_env=args.judge_key_env, rules=rules, system=args.judge_system)
+        load_rules(rules, args.judge_system)  # an unreadable rules file stops the run before the model is loaded
         bench = dataclasses.replace(bench, judge=judge)
     if getattr(args, "submission", False):
         if args.benchmark != "vqav2":

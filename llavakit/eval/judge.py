@@ -7,7 +7,9 @@ The rules come from a file in one of two formats (`load_rules`):
 - llavakit's own (`judge_rules.json`, packaged and the default): our wording, our layout;
 - LLaVA's `llava/eval/table/rule.json` (`{rule key: {role, prompt}}`), which the user downloads:
   the user message is then laid out as LLaVA's GPT review scripts lay it out, with the rule text
-  read from that file, and the system message is theirs, so grades compare with published ones.
+  read from that file. That file has no system message (LLaVA's review scripts set one): ours is sent
+  unless `JudgeConfig.system` (`--judge-system`) gives one, e.g. the one of LLaVA's scripts for an
+  exact replay of their protocol.
 
 The reply's first line must be exactly two grades "s1 s2" (1..10). A failed call or an unreadable
 first line raises `JudgeError` naming the question: there is no default score.
@@ -24,7 +26,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -38,9 +40,6 @@ MIN_SCORE, MAX_SCORE = 1.0, 10.0
 PACKAGED_RULES = "llavakit/eval/judge_rules.json (packaged)"
 OWN_KEYS = ("system", "instructions", "categories")
 """The top-level keys of llavakit's rules format."""
-
-LLAVA_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
-"""The system message LLaVA's GPT review scripts send; part of its protocol, so sent with a LLaVA rule.json."""
 
 LLAVA_RULE_PREFIX = {"llava-bench-in-the-wild": "llava_bench_", "llava-bench-coco": ""}
 """LLaVA's rule.json key of a question is this prefix of its release + its category: the in-the-wild review
@@ -76,10 +75,15 @@ class JudgeConfig:
     """Longest wait between retries (a server's Retry-After is honoured up to 300 s)."""
     rules: Path | None = None
     """Judge rules file (`--judge-rules`): llavakit's format or LLaVA's rule.json; None = the packaged llavakit rules."""
+    system: str | None = None
+    """The judge's system message (`--judge-system`), in place of the rules file's; None = the file's, and for a
+    LLaVA rule.json (which has none: LLaVA's review scripts set their own) the packaged llavakit one."""
 
     def __post_init__(self) -> None:
         if not self.url or not self.model:
             raise EvalError("the judge needs a URL and a model name (--judge-url, --judge-model)")
+        if self.system is not None and not self.system.strip():
+            raise EvalError("the judge's system message (--judge-system) is empty")
         if self.retries < 0 or self.retry_wait < 0 or self.retry_wait_max < 0:
             raise EvalError(f"judge retries, retry_wait and retry_wait_max must be >= 0, got "
                             f"{self.retries}, {self.retry_wait}, {self.retry_wait_max}")
@@ -147,8 +151,14 @@ class JudgeRules:
         return self.rules[key]
 
 
-def load_rules(path: Path | None = None) -> JudgeRules:
-    """Judge rules from `path` in llavakit's format or LLaVA's rule.json; our packaged file by default."""
+def load_rules(path: Path | None = None, system: str | None = None) -> JudgeRules:
+    """Judge rules from `path` in llavakit's format or LLaVA's rule.json (our packaged file by default), with
+    `system` as the system message if given (see JudgeConfig.system)."""
+    rules = _read_rules(path)
+    return replace(rules, system=system) if system is not None else rules
+
+
+def _read_rules(path: Path | None) -> JudgeRules:
     if path is None:
         raw, source = resources.files("llavakit.eval").joinpath("judge_rules.json").read_bytes(), PACKAGED_RULES
     else:
@@ -204,7 +214,8 @@ def _llava_rules(data: Any, source: str, digest: str) -> JudgeRules:
         rules = {k: _text_fields(r, ("role", "prompt"), f"rule {k!r}") for k, r in data.items()}
     except EvalError as exc:
         raise EvalError(f"{neither}: {exc}") from None
-    return JudgeRules(source, "llava", LLAVA_SYSTEM, rules, "", digest)
+    # LLaVA's rule.json holds no system message (its review scripts send their own): ours, unless --judge-system.
+    return JudgeRules(source, "llava", _read_rules(None).system, rules, "", digest)
 
 
 def build_prompt(rules: JudgeRules, req: ReviewRequest) -> str:
@@ -268,7 +279,7 @@ class Judge:
 
     def __init__(self, config: JudgeConfig, rules: JudgeRules | None = None) -> None:
         self.config = config
-        self.rules = rules if rules is not None else load_rules(config.rules)
+        self.rules = rules if rules is not None else load_rules(config.rules, config.system)
         # a user's rules file keys its reviews apart from the packaged rules' ones (both may share a cache)
         self.settings = judge_settings(config) + (() if self.rules.packaged else (self.rules.digest,))
         self.client = ChatClient(config.url, config.model, key_env=config.api_key_env or None,

@@ -161,7 +161,7 @@ class LlavaBench:
         """With a judge set, every question's category has a rule in its rules file (before any prediction)."""
         if self.judge is None:
             return
-        rules = load_rules(self.judge.rules)
+        rules = load_rules(self.judge.rules, self.judge.system)
         for item in items:
             rules.rule_for(item.category, item.meta["release"], f"{qpath}: question {item.question_id!r}")
 
@@ -203,7 +203,7 @@ class LlavaBench:
         details = {
             "judge_model": self.judge.model,
             "judge_calls": calls,
-            "judge_rules": {"file": rules.source, "format": rules.style, "sha256": rules.digest},
+            "judge_rules": {"file": rules.source, "format": rules.style, "sha256": rules.digest, "system": rules.system},
             "reviews": {str(r.question_id): [r.reference_score, r.model_score] for _, r in reviews},
         }
         return make_result(self.name, len(items), "relative_score", metrics, {"category": rows}, details)
