@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from dataclasses import replace
@@ -13,6 +14,7 @@ import pytest
 
 from llavakit.eval.common import EvalError
 from llavakit.eval.judge import (
+    LLAVA_RULE_PREFIX,
     Judge,
     JudgeConfig,
     JudgeError,
@@ -29,7 +31,9 @@ FIX = Path(__file__).parent / "fixtures" / "eval"
 KEY_ENV = "LLAVAKIT_TEST_JUDGE_KEY"
 
 # The fake judge's grades (reference, model), chosen by which question the prompt holds.
-GRADES = {"What colour is the kettle?": "8 6", "Describe the kitchen in detail.": "9 6", "Why might the street be empty?": "7 7"}
+GRADES = {"What colour is the kettle?": "8 6", "Describe the kitchen in detail.": "9 6", "Why might the street be empty?": "7 7",
+          "How many cups are on the table?": "8 4", "What might the person do next?": "6 6"}
+LLAVA_RULES = FIX / "llava_rule.json"  # LLaVA's rule.json structure, our own words
 
 
 class FakeJudge(BaseHTTPRequestHandler):
@@ -109,14 +113,60 @@ def test_parse_scores_strict(reply):
 
 def test_prompt_has_every_part_and_the_category_rule():
     rules = load_rules()
-    assert set(rules["categories"]) == {"conv", "detail", "complex"}
+    assert set(rules.rules) == {"conv", "detail", "complex"} and rules.style == "llavakit" and rules.packaged
     req = ReviewRequest(5, "detail", "CTX-TEXT", "Q-TEXT", "REF-TEXT", "MODEL-TEXT")
     prompt = build_prompt(rules, req)
-    order = [prompt.index(s) for s in ("CTX-TEXT", "Q-TEXT", "REF-TEXT", "MODEL-TEXT", rules["categories"]["detail"]["focus"])]
+    order = [prompt.index(s) for s in ("CTX-TEXT", "Q-TEXT", "REF-TEXT", "MODEL-TEXT", rules.rules["detail"]["focus"])]
     assert order == sorted(order)
     assert "Assistant 1" in prompt and "Assistant 2" in prompt
-    with pytest.raises(JudgeError, match="question 5.*no judge rule for category 'chart'"):
+    with pytest.raises(JudgeError, match=r"question 5: no judge rule for category 'chart' in .*judge_rules.json.*'chart'"):
         build_prompt(rules, replace(req, category="chart"))
+
+
+def test_llava_rules_build_llavas_layout_with_the_files_rule():
+    """A LLaVA rule.json: bracketed sections, texts as given, the release's rule key (llava_bench_<c> in the wild,
+    the bare category for COCO); the file has no system message, so ours unless one is given."""
+    rules = load_rules(LLAVA_RULES)
+    assert rules.style == "llava" and rules.system == load_rules().system and rules.source == str(LLAVA_RULES)
+    assert load_rules(LLAVA_RULES, "Grade as in the paper.").system == "Grade as in the paper."
+    raw = json.loads(LLAVA_RULES.read_text())
+    req = ReviewRequest(5, "detail", "Line one.\nLine two.", "Q?", " Ref. ", "Model.")
+    assert build_prompt(rules, req) == (
+        "[Context]\nLine one.\nLine two.\n\n[Question]\nQ?\n\n"
+        "[Assistant 1]\n Ref. \n\n[End of Assistant 1]\n\n[Assistant 2]\nModel.\n\n[End of Assistant 2]\n\n"
+        f"[System]\n{raw['llava_bench_detail']['prompt']}\n\n"
+    )
+    coco = build_prompt(rules, replace(req, release="llava-bench-coco"))
+    assert coco.endswith(f"[System]\n{raw['detail']['prompt']}\n\n")
+    with pytest.raises(JudgeError, match="no LLaVA rule key is known for release 'other'"):
+        build_prompt(rules, replace(req, release="other"))
+
+
+def test_every_release_has_its_llava_rule_prefix():
+    from llavakit.eval.llava_bench import LAYOUTS
+
+    assert {layout.release for layout in LAYOUTS} == set(LLAVA_RULE_PREFIX)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('[{"role": "Assistant", "prompt": "p"}]', r"neither llavakit's judge rules .* nor LLaVA's rule.json .*: it is a list"),
+    ("{}", r"neither .*: it is an empty object"),
+    ('{"conv": {"role": "Assistant"}}', r"neither .*: rule 'conv' lacks 'prompt'"),
+    ('{"conv": "grade it"}', r"neither .*: rule 'conv' is a str, not an object with 'role' and 'prompt'"),
+    ('{"system": "s", "instructions": "i {role} {focus}"}', r"\(llavakit judge rules\) lacks 'categories'"),
+    ('{"system": "s", "categories": {}}', r"\(llavakit judge rules\) lacks 'instructions'"),
+    ('{"system": "s", "instructions": "{role}", "categories": {"conv": {"role": "A"}}}', r"category 'conv' lacks 'focus'"),
+    ('{"system": "s", "instructions": "{grade}", "categories": {"conv": {"role": "A", "focus": "f"}}}',
+     r"'instructions' may only use \{role\} and \{focus\}"),
+    ('{"conv": ', r"judge rules are not a JSON file"),
+])  # fmt: skip
+def test_rules_of_neither_format_name_the_file_and_the_key(tmp_path, content, message):
+    path = tmp_path / "rules.json"
+    path.write_text(content)
+    with pytest.raises(EvalError, match=rf"^{re.escape(str(path))}.*{message}"):
+        load_rules(path)
+    with pytest.raises(FileNotFoundError, match="judge rules file not found: .*nope.json"):
+        load_rules(tmp_path / "nope.json")
 
 
 def test_cache_key_depends_on_model_question_answer_and_judge_settings():
@@ -237,6 +287,111 @@ def test_cached_review_with_a_changed_prompt_is_judged_again(server, tmp_path):
     assert len(server.requests) == 2
 
 
+def _llava_rules_copy(tmp_path, drop: str = "", edit: str = "") -> Path:
+    """The LLaVA-structured rules fixture, one rule left out or one rule's text changed."""
+    rules = json.loads(LLAVA_RULES.read_text())
+    rules.pop(drop, None)
+    if edit:
+        rules[edit]["prompt"] += " Be brief."
+    path = tmp_path / "rule.json"
+    path.write_text(json.dumps(rules))
+    return path
+
+
+def test_llava_bench_with_llavas_rules(server, tmp_path):
+    """In the wild under a LLaVA rule.json: LLaVA's layout, the llava_bench_<category> rules, our system message."""
+    raw = json.loads(LLAVA_RULES.read_text())
+    bench = replace(get_benchmark("llava_bench"), judge=config(server, tmp_path, rules=LLAVA_RULES))
+    r = bench.score(bench.load(FIX / "llava_bench"), model_answers())
+    assert r["metrics"]["relative_score"] == pytest.approx(100 * (19 / 3) / 8)
+    assert r["details"]["judge_rules"]["format"] == "llava" and r["details"]["judge_rules"]["file"] == str(LLAVA_RULES)
+    system, user = (m["content"] for m in server.requests[0]["body"]["messages"])
+    assert system == load_rules().system == r["details"]["judge_rules"]["system"]
+    assert user == ("[Context]\nA small kitchen with a red kettle on a gas stove and a window above the sink.\n\n"
+                    "[Question]\nWhat colour is the kettle?\n\n[Assistant 1]\nThe kettle is red.\n\n[End of Assistant 1]\n\n"
+                    "[Assistant 2]\nIt is red.\n\n[End of Assistant 2]\n\n"
+                    f"[System]\n{raw['llava_bench_conv']['prompt']}\n\n")
+    street = server.requests[2]["body"]["messages"][1]["content"]
+    assert street.startswith("[Context]\nA wide street at dawn with closed shops.\nNo cars or people are visible.\n\n")
+    assert street.endswith(f"[System]\n{raw['llava_bench_complex']['prompt']}\n\n")
+
+
+def test_llava_bench_coco_with_llavas_rules(server, tmp_path):
+    """COCO under a LLaVA rule.json: the bare category's rule, captions then boxes as the context."""
+    raw = json.loads(LLAVA_RULES.read_text())
+    bench = replace(get_benchmark("llava_bench"), judge=config(server, tmp_path, rules=LLAVA_RULES))
+    r = bench.score(bench.load(FIX / "llava_bench_coco"), {0: "Two cups.", 1: "Pour tea."})
+    assert r["breakdown"]["category"]["conv"]["relative_score"] == pytest.approx(50.0)
+    user = server.requests[0]["body"]["messages"][1]["content"]
+    assert user.startswith("[Context]\nA person holds a teapot over a table.\nTwo cups stand on a wooden table.\n\n"
+                           "person: [0.1, 0.05, 0.52, 0.98]\ncup: [0.6, 0.7, 0.68, 0.8]\ncup: [0.72, 0.69, 0.8, 0.79]\n\n"
+                           "[Question]\nHow many cups are on the table?\n\n")
+    assert user.endswith(f"[System]\n{raw['conv']['prompt']}\n\n")
+
+
+@pytest.mark.parametrize(("data", "drop", "key"), [
+    ("llava_bench", "llava_bench_complex", "llava_bench_complex"),
+    ("llava_bench_coco", "conv", "conv"),
+])  # fmt: skip
+def test_a_category_without_a_rule_is_an_error_at_load(server, tmp_path, data, drop, key):
+    """Before any question is predicted or judged: the error names the rules file and the missing key."""
+    rules = _llava_rules_copy(tmp_path, drop=drop)
+    bench = replace(get_benchmark("llava_bench"), judge=config(server, tmp_path, rules=rules))
+    with pytest.raises(JudgeError, match=rf"question \d+: no judge rule for category '\w+' in {re.escape(str(rules))}: "
+                       rf"it lacks the key '{key}'"):
+        bench.load(FIX / data)
+    assert server.requests == []
+
+
+def test_the_rules_are_part_of_the_cache(server, tmp_path):
+    """Another rules file, or a changed rule in it, is judged again; the packaged rules' reviews stay usable."""
+    items = get_benchmark("llava_bench").load(FIX / "llava_bench")
+    own = replace(get_benchmark("llava_bench"), judge=config(server, tmp_path))
+    llava = replace(own, judge=config(server, tmp_path, rules=LLAVA_RULES))
+    assert own.score(items, model_answers())["details"]["judge_calls"] == 3
+    assert llava.score(items, model_answers())["details"]["judge_calls"] == 3
+    assert own.score(items, model_answers())["details"]["judge_calls"] == 0  # side by side in one cache
+    assert llava.score(items, model_answers())["details"]["judge_calls"] == 0
+    edited = replace(own, judge=config(server, tmp_path, rules=_llava_rules_copy(tmp_path, edit="llava_bench_detail")))
+    assert edited.score(items, model_answers())["details"]["judge_calls"] == 3  # another file: its own reviews
+
+
+def test_a_changed_system_message_is_judged_again_and_old_records_stay_valid(server, tmp_path):
+    cfg = config(server, tmp_path)
+    req = ReviewRequest(0, "conv", "ctx", "What colour is the kettle?", "Red.", "It is red.")
+    with Judge(cfg) as judge:
+        judge.review(req)
+    (record_path,) = cfg.cache_dir.glob("*.json")
+    record = json.loads(record_path.read_text())
+    del record["system_sha256"]  # as written before the system message was recorded: the packaged one
+    record_path.write_text(json.dumps(record))
+    with Judge(cfg) as judge:
+        assert judge.review(req).cached
+    with Judge(cfg, rules=replace(load_rules(), system="Grade harshly.")) as judge:
+        assert not judge.review(req).cached
+    assert len(server.requests) == 2
+
+
+def test_cli_judge_rules_option(server, tmp_path, capsys):
+    from llavakit.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    answers = [{"question_id": q, "text": t} for q, t in model_answers().items()]
+    (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    argv = ["eval", "score", "--benchmark", "llava_bench", "--data", str(FIX / "llava_bench"), "--out", str(out),
+            "--judge-url", config(server, tmp_path).url, "--judge-model", "judge-x", "--judge-key-env", KEY_ENV]
+    assert main([*argv, "--judge-rules", str(LLAVA_RULES), "--judge-system", "Check the answers."]) == 0
+    written = json.loads((out / "results.json").read_text())["details"]["judge_rules"]
+    assert written["format"] == "llava" and written["system"] == "Check the answers."
+    assert server.requests[0]["body"]["messages"][0]["content"] == "Check the answers."
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"conv": {"role": "Assistant"}}')
+    assert main([*argv, "--judge-rules", str(bad)]) == 1
+    assert f"{bad}: neither llavakit's judge rules" in capsys.readouterr().err and len(server.requests) == 3
+
+
 def test_llava_bench_needs_a_judge():
     bench = get_benchmark("llava_bench")
     items = bench.load(FIX / "llava_bench")
@@ -244,3 +399,78 @@ def test_llava_bench_needs_a_judge():
         bench.score(items, model_answers())
     with pytest.raises(EvalError, match="URL and a model"):
         JudgeConfig(url="", model="m", cache_dir=Path("."))
+
+
+# ---------------------------------------------------------------- LLaVA-Bench files
+
+
+def test_llava_bench_coco_release_shows_captions_then_boxes():
+    """llava-bench-coco: qa90 questions and references, and caps_boxes rows (captions + instances) as the context."""
+    items = get_benchmark("llava_bench").load(FIX / "llava_bench_coco")
+    assert [it.question_id for it in items] == [0, 1] and [it.category for it in items] == ["conv", "complex"]
+    assert items[0].images == (str(FIX / "llava_bench_coco/images/COCO_val2014_000000000101.jpg"),)
+    assert items[1].answer == "The person will probably pour tea into the cups."
+    assert items[0].meta["context"] == (
+        "A person holds a teapot over a table.\nTwo cups stand on a wooden table.\n\n"
+        "person: [0.1, 0.05, 0.52, 0.98]\ncup: [0.6, 0.7, 0.68, 0.8]\ncup: [0.72, 0.69, 0.8, 0.79]"
+    )
+
+
+def _bench_copy(tmp_path, name="llava_bench") -> Path:
+    import shutil
+
+    return Path(shutil.copytree(FIX / name, tmp_path / name))
+
+
+def _rewrite(path: Path, line: int, edit) -> None:
+    """Apply `edit` to the JSON object on 1-based `line` of a JSON-lines file."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    edit(rows[line - 1])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize(("name", "file", "line", "edit", "message"), [
+    ("llava_bench", "context.jsonl", 1, lambda r: r.pop("caption"),
+     r"context.jsonl:1: no 'caption' field \(nor 'captions'\)"),
+    ("llava_bench", "context.jsonl", 1, lambda r: r.update(caption="  "),
+     r"context.jsonl:1: 'caption' is '  ', not a non-empty text"),
+    ("llava_bench", "context.jsonl", 2, lambda r: r.update(caption=[]), r"context.jsonl:2: 'caption' is \[\]"),
+    ("llava_bench", "context.jsonl", 2, lambda r: r.pop("image"), r"context.jsonl:2: no 'image' field"),
+    ("llava_bench", "context.jsonl", 2, lambda r: r.update(image="001.jpg"),
+     r"context.jsonl:2: image '001.jpg' again \(first at line 1\)"),
+    ("llava_bench", "questions.jsonl", 2, lambda r: r.pop("image"), r"questions.jsonl:2 \(question 1\): no 'image' field"),
+    ("llava_bench", "questions.jsonl", 3, lambda r: r.pop("category"),
+     r"questions.jsonl:3 \(question 2\): no 'category' field"),
+    ("llava_bench", "questions.jsonl", 1, lambda r: r.pop("question_id"), r"questions.jsonl:1: no 'question_id' field"),
+    ("llava_bench", "questions.jsonl", 3, lambda r: r.update(image="003.jpg"),
+     r"questions.jsonl:3 \(question 2\): no description of image '003.jpg' in .*context.jsonl"),
+    ("llava_bench", "answers_gpt4.jsonl", 2, lambda r: r.pop("text"), r"answers_gpt4.jsonl:2: no 'text' field"),
+    ("llava_bench_coco", "caps_boxes_coco2014_val_80.jsonl", 1, lambda r: r.pop("instances"),
+     r"caps_boxes_coco2014_val_80.jsonl:1: no 'instances' field"),
+    ("llava_bench_coco", "caps_boxes_coco2014_val_80.jsonl", 1, lambda r: r["instances"][1].update(bbox=[1, 2, 3]),
+     r"caps_boxes_coco2014_val_80.jsonl:1: instance 1: 'bbox' is \[1, 2, 3\], not \[x1, y1, x2, y2\]"),
+    ("llava_bench_coco", "caps_boxes_coco2014_val_80.jsonl", 1, lambda r: r.update(captions=["ok", ""]),
+     r"caps_boxes_coco2014_val_80.jsonl:1: 'captions' is \['ok', ''\]"),
+    ("llava_bench_coco", "qa90_gpt4_answer.jsonl", 1, lambda r: r.update(question_id=1),
+     r"qa90_gpt4_answer.jsonl:2: question_id 1 again \(first at line 1\)"),
+])  # fmt: skip
+def test_llava_bench_files_missing_a_field_name_the_file_and_line(tmp_path, name, file, line, edit, message):
+    data = _bench_copy(tmp_path, name)
+    _rewrite(data / file, line, edit)
+    with pytest.raises(EvalError, match=message):
+        get_benchmark("llava_bench").load(data)
+
+
+def test_llava_bench_release_is_found_by_its_questions_file(tmp_path):
+    data = _bench_copy(tmp_path)
+    (data / "qa90_questions.jsonl").write_text((data / "questions.jsonl").read_text())
+    with pytest.raises(EvalError, match="holds both questions.jsonl and qa90_questions.jsonl"):
+        get_benchmark("llava_bench").load(data)
+    for f in ("questions.jsonl", "qa90_questions.jsonl"):
+        (data / f).unlink()
+    with pytest.raises(FileNotFoundError, match="looked for questions.jsonl or qa90_questions.jsonl"):
+        get_benchmark("llava_bench").load(data)
+    coco = _bench_copy(tmp_path, "llava_bench_coco")
+    (coco / "caps_boxes_coco2014_val_80.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="llava-bench-coco caps_boxes_coco2014_val_80.jsonl not found"):
+        get_benchmark("llava_bench").load(coco)

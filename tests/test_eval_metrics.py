@@ -198,6 +198,12 @@ def test_vqav2_fixture():
     assert r["breakdown"]["answer_type"]["yes/no"]["accuracy"] == pytest.approx(100.0)
     # "an umbrella" normalises to "umbrella": 7 of 10 -> 1.0
     assert bench.score(list(items.values()), answers | {77000: "umbrella"})["breakdown"]["answer_type"]["other"]["accuracy"] == 100.0
+    # per question type, as vqaEval.py's accQuestionType (from the annotations' question_type)
+    assert r["breakdown"]["question_type"] == {
+        "how many": {"accuracy": pytest.approx(60.0), "count": 1},
+        "is the": {"accuracy": 100.0, "count": 1},
+        "what is the": {"accuracy": pytest.approx(60.0), "count": 1},
+    }
 
 
 def test_gqa_fixture():
@@ -210,6 +216,53 @@ def test_gqa_fixture():
     assert r["breakdown"]["semantic"]["rel"] == {"accuracy": 0.0, "count": 1}
     # exact match only: no partial credit for a longer answer
     assert bench.score(items, {"g001": "yes", "g002": "a horse", "g003": "left"})["metrics"]["accuracy"] == pytest.approx(200 / 3)
+
+
+def _gqa_with(tmp_path, extra: dict) -> Path:
+    """The GQA fixture plus `extra` questions (id -> fields over a copy of g001)."""
+    import json
+    import shutil
+
+    data = Path(shutil.copytree(FIX / "gqa", tmp_path / "gqa"))
+    qfile = data / "testdev_balanced_questions.json"
+    questions = json.loads(qfile.read_text())
+    for qid, fields in extra.items():
+        questions[qid] = {**questions["g001"], **fields}
+    qfile.write_text(json.dumps(questions))
+    return data
+
+
+def test_gqa_counts_balanced_questions_only_and_says_so(tmp_path):
+    """As GQA's eval.py: isBalanced false is not scored (and counted in the results); binary is every structural
+    type but query (here verify and choose), open is query."""
+    choose = {"question": "Is the cup red or blue?", "answer": "blue", "types": {"structural": "choose", "semantic": "attr"}}
+    data = _gqa_with(tmp_path, {"g004": choose, "g005": {**choose, "isBalanced": False}, "g006": {"isBalanced": False}})
+    bench = get_benchmark("gqa")
+    items = bench.load(data)
+    assert [it.question_id for it in items] == ["g001", "g002", "g003", "g004"]
+    r = bench.score(items, {"g001": "yes", "g002": "horse", "g003": "right", "g004": "red"})
+    assert r["num_questions"] == 4 and r["metrics"]["accuracy"] == 50.0
+    assert r["metrics"]["open"] == 50.0 and r["metrics"]["binary"] == 50.0
+    assert r["breakdown"]["answer_type"] == {"binary": {"accuracy": 50.0, "count": 2}, "open": {"accuracy": 50.0, "count": 2}}
+    assert r["details"]["unbalanced_left_out"] == 2
+    assert "2 question(s) of testdev_balanced_questions.json have isBalanced false" in r["details"]["notes"][0]
+
+    from llavakit.eval.report import markdown
+
+    assert "Note: 2 question(s) of testdev_balanced_questions.json have isBalanced false" in markdown(r)
+
+
+def test_gqa_balance_flag_and_missing_types(tmp_path):
+    with pytest.raises(EvalError, match=r"question 'g004': 'isBalanced' is 'yes', not true or false"):
+        get_benchmark("gqa").load(_gqa_with(tmp_path / "a", {"g004": {"isBalanced": "yes"}}))
+    with pytest.raises(EvalError, match=r"all 3 questions have isBalanced false"):
+        get_benchmark("gqa").load(_gqa_with(tmp_path / "b", {q: {"isBalanced": False} for q in ("g001", "g002", "g003")}))
+    bench = get_benchmark("gqa")
+    items = bench.load(_gqa_with(tmp_path / "c", {"g004": {"types": {}}}))  # no structural type: in accuracy only
+    r = bench.score(items, {"g001": "yes", "g002": "horse", "g003": "left", "g004": "no"})
+    assert r["metrics"]["accuracy"] == 75.0 and r["metrics"]["binary"] == 100.0 and r["metrics"]["open"] == 100.0
+    assert r["details"]["untyped"] == 1 and r["details"]["unbalanced_left_out"] == 0
+    assert r["details"]["notes"] == ["1 question(s) have no structural type and are not in open / binary"]
 
 
 # ---------------------------------------------------------------- POPE

@@ -137,26 +137,92 @@ def test_every_fixture_runs_end_to_end(tmp_path):
 
 
 class FakePipeline:
-    def __init__(self):
-        self.calls = []
+    """The pipeline calls the adapter makes: `prompt` (recorded; PromptError on a marker/image mismatch),
+    `run_prompts` (answers "answer <n>" in call order) and `max_batch_size`."""
 
-    def generate(self, batch, max_new_tokens, temperature):
-        self.calls.append((batch, max_new_tokens, temperature))
-        return [f"answer {i}" for i in range(len(batch))]
+    def __init__(self, max_batch_size: int = 8):
+        self.max_batch_size = max_batch_size
+        self.prompts: list[tuple[list, str]] = []
+        self.runs: list[list] = []
+
+    def prompt(self, images, text):
+        from llavakit.infer.prompt import PromptError
+
+        if text.count("<image>") != len(images):
+            raise PromptError(f"the conversation has {text.count('<image>')} <image> marker(s) but {len(images)} image(s)")
+        self.prompts.append((images, text))
+        return len(self.prompts) - 1
+
+    def run_prompts(self, prompts, params):
+        self.runs.append([(self.prompts[p][1], sp.max_new_tokens, sp.temperature) for p, sp in zip(prompts, params)])
+        return [types.SimpleNamespace(text=f"answer {p}") for p in prompts]
 
 
 def test_pipeline_adapter_passes_images_and_prompts():
     items = BENCHMARKS["scienceqa"].load(FIX / "scienceqa")[:2]
     pipe = FakePipeline()
     assert pipeline_predict_fn(pipe)(items) == ["answer 0", "answer 1"]
-    (batch, budget, temperature), = pipe.calls
-    assert budget == 32 and temperature == 0.0
-    (imgs0, prompt0), (imgs1, prompt1) = batch
-    assert prompt0 == items[0].prompt and prompt1 == items[1].prompt
+    assert pipe.runs == [[(items[0].prompt, 32, 0.0), (items[1].prompt, 32, 0.0)]]
+    (imgs0, _), (imgs1, _) = pipe.prompts
     assert len(imgs0) == 1 and imgs0[0].mode == "RGB" and imgs0[0].size == (8, 8)
     assert imgs1 == []  # a text-only question has no image and no <image> marker
     pipeline_predict_fn(pipe, max_new_tokens=5)(items)
-    assert pipe.calls[-1][1] == 5
+    assert [budget for _, budget, _ in pipe.runs[-1]] == [5, 5]
+
+
+def test_pipeline_adapter_runs_the_batch_as_generate_would():
+    """The largest budget of the batch for every row (as before), the pipeline's own batch size."""
+    items = [EvalItem(f"q{i}", "text only", max_new_tokens=n) for i, n in enumerate([32, 32, 256])]
+    pipe = FakePipeline(max_batch_size=2)
+    assert pipeline_predict_fn(pipe)(items) == ["answer 0", "answer 1", "answer 2"]
+    assert [[budget for _, budget, _ in run] for run in pipe.runs] == [[256, 256], [256]]
+
+
+def test_pipeline_adapter_loads_images_as_training_does(tmp_path):
+    """RGBA is composited on white and 16-bit grey scaled, by llavakit's loader, not Pillow's convert."""
+    import numpy as np
+    from PIL import Image
+
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.fromarray(np.full((4, 4), 128 * 257, dtype=np.uint16)).save(tmp_path / "deep.png")
+    items = [EvalItem(1, "<image>\nq", images=(str(tmp_path / "clear.png"),)),
+             EvalItem(2, "<image>\nq", images=(str(tmp_path / "deep.png"),))]  # fmt: skip
+    pipe = FakePipeline()
+    pipeline_predict_fn(pipe)(items)
+    (clear, _), (deep, _) = pipe.prompts
+    assert clear[0].mode == "RGB" and clear[0].getpixel((0, 0)) == (255, 255, 255)
+    assert deep[0].getpixel((0, 0)) == (128, 128, 128)  # Pillow's convert clips it to 255
+
+
+def test_corrupt_image_names_the_question_and_the_file(tmp_path, capsys, monkeypatch):
+    """A benchmark image that is not an image (or is cut short) stops the run with the question id and the path,
+    through the CLI as an error line, not a traceback; the answers before it are kept."""
+    data = _copy_fixture(tmp_path, "gqa")
+    questions = json.loads((data / "testdev_balanced_questions.json").read_text())
+    (data / "images" / "n1002.jpg").write_bytes(b"this is not a jpeg")
+    pipe = FakePipeline()
+    with pytest.raises(EvalError, match=r"question 'g003': .*n1002\.jpg: not an image"):
+        pipeline_predict_fn(pipe)([BENCHMARKS["gqa"].load(data)[2]])
+    whole = (data / "images" / "n1001.jpg").read_bytes()
+    (data / "images" / "n1002.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(EvalError, match=r"question 'g003': .*n1002\.jpg: corrupt or truncated image"):
+        pipeline_predict_fn(pipe)([BENCHMARKS["gqa"].load(data)[2]])
+
+    api = types.ModuleType("llavakit.infer.api")
+    api.load_pipeline = lambda model: pipe
+    monkeypatch.setitem(sys.modules, "llavakit.infer.api", api)
+    out = tmp_path / "out"
+    argv = ["eval", "--model", "m", "--benchmark", "gqa", "--data", str(data), "--out", str(out), "--batch-size", "2"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert re.search(r"error: question 'g003': .*n1002\.jpg: corrupt or truncated image", err), err
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2 and len(questions) == 3
+
+
+def test_prompt_error_names_the_question_and_its_images(tmp_path):
+    item = EvalItem("q9", "no marker here", images=(str(FIX / "gqa/images/n1001.jpg"),))
+    with pytest.raises(EvalError, match=r"question 'q9' \(.*n1001\.jpg\): the conversation has 0 <image> marker"):
+        pipeline_predict_fn(FakePipeline())([item])
 
 
 # ---------------------------------------------------------------- the command
@@ -186,7 +252,7 @@ def test_cli_eval_with_a_fake_inference_layer(tmp_path, capsys, monkeypatch):
     argv += ["--batch-size", "2"]
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
-    assert loaded == ["tiny-m"] and [len(c[0]) for c in pipe.calls] == [2, 1]
+    assert loaded == ["tiny-m"] and [len(run) for run in pipe.runs] == [2, 1]
     assert "# gqa — tiny-m" in out and "| accuracy |" in out
     rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [r["model_id"] for r in rows] == ["tiny-m"] * 3
@@ -301,3 +367,75 @@ def test_cli_eval_with_a_real_tiny_model(tiny_model_dir, tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["benchmark"] == "pope" and 0.0 <= results["metrics"][results["primary"]] <= 100.0
     assert "# pope" in out
+
+
+# ---------------------------------------------------------------- VQAv2 test-dev submission
+
+
+def _vqa_testdev(tmp_path) -> Path:
+    """A test-dev2015 directory: questions only (no annotations), images in test2015/ as COCO_test2015_*.jpg."""
+    data = tmp_path / "testdev"
+    (data / "test2015").mkdir(parents=True)
+    questions = json.loads((FIX / "vqav2/v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    questions["data_subtype"] = "test-dev2015"
+    (data / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(json.dumps(questions))
+    for image_id in (42, 77):
+        src = FIX / f"vqav2/val2014/COCO_val2014_{image_id:012d}.jpg"
+        (data / "test2015" / f"COCO_test2015_{image_id:012d}.jpg").write_bytes(src.read_bytes())
+    everything = dict(questions, data_subtype="test2015")
+    everything["questions"] = questions["questions"] + [{"image_id": 90, "question": "Why?", "question_id": 90000}]
+    (tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json").write_text(json.dumps(everything))
+    return data
+
+
+def test_vqav2_submission_rows_are_normalised_and_fill_the_other_test_questions(tmp_path):
+    from llavakit.eval.vqav2 import VQAv2, submission_rows, write_submission
+
+    data = _vqa_testdev(tmp_path)
+    items = VQAv2(questions_only=True).load(data)
+    assert items[0].images == (str(data / "test2015/COCO_test2015_000000000042.jpg"),) and items[0].answer is None
+    with pytest.raises(EvalError, match="without annotations .* --submission"):
+        VQAv2(questions_only=True).score(items, {})
+    with pytest.raises(FileNotFoundError, match="no VQA annotations .* see --submission"):
+        VQAv2().load(data)
+    answers = {42000: "Two.", 42001: "Yes, it is", 77000: "An umbrella"}
+    assert submission_rows(items, answers) == [
+        {"question_id": 42000, "answer": "2"}, {"question_id": 42001, "answer": "yes it is"},
+        {"question_id": 77000, "answer": "umbrella"}]  # fmt: skip
+    with pytest.raises(EvalError, match="no answer for 1 question"):
+        submission_rows(items, {42000: "2", 42001: "yes"})
+    done = write_submission(tmp_path / "s.json", items, answers, tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json")
+    assert (done.answered, done.blank) == (3, 1)
+    assert json.loads((tmp_path / "s.json").read_text())[-1] == {"question_id": 90000, "answer": ""}
+    with pytest.raises(EvalError, match="1 answered question.*e.g. 77000.*not among the full question list"):
+        submission_rows(items, answers, [42000, 42001])
+
+
+def test_cli_vqav2_submission(tmp_path, capsys, monkeypatch):
+    data = _vqa_testdev(tmp_path)
+    everything = str(tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json")
+    pipe = FakePipeline()
+    api = types.ModuleType("llavakit.infer.api")
+    api.load_pipeline = lambda model: pipe
+    monkeypatch.setitem(sys.modules, "llavakit.infer.api", api)
+    out = tmp_path / "run"
+    argv = ["eval", "--model", "m", "--benchmark", "vqav2", "--data", str(data), "--out", str(out), "--submission",
+            "--all-questions", everything]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert f"wrote {out / 'submission.json'}: 3 answer(s), and an empty answer to 1 other question(s)" in stdout
+    rows = json.loads((out / "submission.json").read_text())
+    assert [r["question_id"] for r in rows] == [42000, 42001, 77000, 90000] and rows[0]["answer"] == "answer 0"
+    assert not (out / "results.json").exists()
+
+    (out / "submission.json").unlink()  # from the answers file alone, no model
+    code, stdout, err = run_cli(["eval", "vqav2-submission", "--data", str(data), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert [r["question_id"] for r in json.loads((out / "submission.json").read_text())] == [42000, 42001, 77000]
+
+    code, _, err = run_cli(["eval", "--model", "m", "--benchmark", "gqa", "--data", str(FIX / "gqa"), "--out",
+                            str(tmp_path / "g"), "--submission"], capsys)  # fmt: skip
+    assert code == 1 and "--submission writes the VQAv2 evaluation-server file; not for gqa" in err
+    code, _, err = run_cli(["eval", "--model", "m", "--benchmark", "vqav2", "--data", str(data), "--out",
+                            str(tmp_path / "v"), "--all-questions", everything], capsys)  # fmt: skip
+    assert code == 1 and "--all-questions goes with --submission" in err

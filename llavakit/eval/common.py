@@ -138,13 +138,18 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> list[Any]:
     """Parse a JSON-lines file (blank lines skipped); errors name the file and line."""
+    return [row for _, row in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed row) of each non-blank line of a JSON-lines file; errors name the file and line."""
     rows = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise EvalError(f"{path}:{lineno}: not valid JSON ({exc})") from None
     return rows

@@ -1,12 +1,22 @@
 """An LLM judge behind any OpenAI-compatible chat endpoint, with an on-disk review cache.
 
 The judge sees a written description of the image, the question, the reference answer
-(assistant 1) and the model's answer (assistant 2), plus the question category's rule from
-`judge_rules.json`. Its first line must be exactly two grades "s1 s2" (1..10). A failed call
-or an unreadable first line raises `JudgeError` naming the question: there is no default score.
+(assistant 1) and the model's answer (assistant 2), plus the rule of the question's category.
+The rules come from a file in one of two formats (`load_rules`):
+
+- llavakit's own (`judge_rules.json`, packaged and the default): our wording, our layout;
+- LLaVA's `llava/eval/table/rule.json` (`{rule key: {role, prompt}}`), which the user downloads:
+  the user message is then laid out as LLaVA's GPT review scripts lay it out, with the rule text
+  read from that file. That file has no system message (LLaVA's review scripts set one): ours is sent
+  unless `JudgeConfig.system` (`--judge-system`) gives one, e.g. the one of LLaVA's scripts for an
+  exact replay of their protocol.
+
+The reply's first line must be exactly two grades "s1 s2" (1..10). A failed call or an unreadable
+first line raises `JudgeError` naming the question: there is no default score.
 
 Reviews are cached as `<cache_dir>/<key>.json`, key = sha256 of (judge model, question id,
-sha256 of the model answer). A cached review whose prompt differs from the current one (the
+sha256 of the model answer, endpoint and sampling, and the rules file's sha256 unless it is the
+packaged one). A cached review whose system or user message differs from the current one (the
 rules or reference changed) is judged again.
 """
 
@@ -16,16 +26,28 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llavakit.eval.common import EvalError, QuestionId
 from llavakit.openai_client import ChatClient, ChatError, ChatFatal
 
 _SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[ ,]\s*(\d+(?:\.\d+)?)\s*$")
 MIN_SCORE, MAX_SCORE = 1.0, 10.0
+
+PACKAGED_RULES = "llavakit/eval/judge_rules.json (packaged)"
+OWN_KEYS = ("system", "instructions", "categories")
+"""The top-level keys of llavakit's rules format."""
+
+LLAVA_RULE_PREFIX = {"llava-bench-in-the-wild": "llava_bench_", "llava-bench-coco": ""}
+"""LLaVA's rule.json key of a question is this prefix of its release + its category: the in-the-wild review
+script (eval_gpt_review_bench.py) reads `llava_bench_<category>`, the COCO one (eval_gpt_review_visual.py) the bare
+category, whose rules speak of captions and boxes."""
+
+_LEGACY_SYSTEM_SHA256 = "ffd6ff47fa0c2066441bd2195a5a33281becf03ce038181572c2219b895a4b53"
+"""sha256 of the packaged system message, the only one sent before cache records carried `system_sha256`."""
 
 
 class JudgeError(EvalError):
@@ -51,10 +73,17 @@ class JudgeConfig:
     """First wait before a retry, in seconds; doubles per retry (with jitter), a Retry-After header wins."""
     retry_wait_max: float = 60.0
     """Longest wait between retries (a server's Retry-After is honoured up to 300 s)."""
+    rules: Path | None = None
+    """Judge rules file (`--judge-rules`): llavakit's format or LLaVA's rule.json; None = the packaged llavakit rules."""
+    system: str | None = None
+    """The judge's system message (`--judge-system`), in place of the rules file's; None = the file's, and for a
+    LLaVA rule.json (which has none: LLaVA's review scripts set their own) the packaged llavakit one."""
 
     def __post_init__(self) -> None:
         if not self.url or not self.model:
             raise EvalError("the judge needs a URL and a model name (--judge-url, --judge-model)")
+        if self.system is not None and not self.system.strip():
+            raise EvalError("the judge's system message (--judge-system) is empty")
         if self.retries < 0 or self.retry_wait < 0 or self.retry_wait_max < 0:
             raise EvalError(f"judge retries, retry_wait and retry_wait_max must be >= 0, got "
                             f"{self.retries}, {self.retry_wait}, {self.retry_wait_max}")
@@ -70,6 +99,8 @@ class ReviewRequest:
     question: str
     reference: str
     answer: str
+    release: str = "llava-bench-in-the-wild"
+    """The LLaVA-Bench release (`llava_bench.LAYOUTS`); it picks the rule key in a LLaVA rule.json."""
 
 
 @dataclass(frozen=True)
@@ -83,25 +114,115 @@ class Review:
     cached: bool
 
 
-def load_rules(path: Path | None = None) -> dict[str, Any]:
-    """The judge rules (system text, instructions, per-category role and focus); our packaged file by default."""
+@dataclass(frozen=True)
+class JudgeRules:
+    """A judge protocol read from a rules file: the system message and the rule per category."""
+
+    source: str
+    """The file read, or PACKAGED_RULES."""
+    style: Literal["llavakit", "llava"]
+    system: str
+    rules: dict[str, dict[str, str]]
+    """Rule key -> {role, focus} (llavakit) or {role, prompt} (LLaVA's rule.json)."""
+    instructions: str
+    """llavakit style: the text after the answers, {role} and {focus} filled in per category; empty for llava."""
+    digest: str
+    """sha256 of the file's bytes."""
+
+    @property
+    def packaged(self) -> bool:
+        return self.source == PACKAGED_RULES
+
+    def key(self, category: str, release: str) -> str:
+        """The rule key of a question's category: the category itself, or LLaVA's key for the release."""
+        if self.style == "llavakit":
+            return category
+        if release not in LLAVA_RULE_PREFIX:
+            raise JudgeError(f"{self.source}: no LLaVA rule key is known for release {release!r} "
+                             f"(known: {', '.join(LLAVA_RULE_PREFIX)})")
+        return LLAVA_RULE_PREFIX[release] + category
+
+    def rule_for(self, category: str, release: str, who: str) -> dict[str, str]:
+        """The rule of a category; a JudgeError naming `who`, the file and the missing key if it has none."""
+        key = self.key(category, release)
+        if key not in self.rules:
+            raise JudgeError(f"{who}: no judge rule for category {category!r} in {self.source}: it lacks the key "
+                             f"{key!r} (keys: {', '.join(sorted(self.rules))})")
+        return self.rules[key]
+
+
+def load_rules(path: Path | None = None, system: str | None = None) -> JudgeRules:
+    """Judge rules from `path` in llavakit's format or LLaVA's rule.json (our packaged file by default), with
+    `system` as the system message if given (see JudgeConfig.system)."""
+    rules = _read_rules(path)
+    return replace(rules, system=system) if system is not None else rules
+
+
+def _read_rules(path: Path | None) -> JudgeRules:
     if path is None:
-        text = resources.files("llavakit.eval").joinpath("judge_rules.json").read_text(encoding="utf-8")
+        raw, source = resources.files("llavakit.eval").joinpath("judge_rules.json").read_bytes(), PACKAGED_RULES
     else:
-        text = Path(path).read_text(encoding="utf-8")
-    rules = json.loads(text)
-    for key in ("system", "instructions", "categories"):
-        if key not in rules:
-            raise EvalError(f"judge rules lack {key!r}")
-    return rules
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"judge rules file not found: {path}")
+        raw, source = Path(path).read_bytes(), str(path)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvalError(f"{source}: judge rules are not a JSON file ({exc})") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if isinstance(data, dict) and any(k in data for k in OWN_KEYS):
+        return _own_rules(data, source, digest)
+    return _llava_rules(data, source, digest)
 
 
-def build_prompt(rules: dict[str, Any], req: ReviewRequest) -> str:
+def _text_fields(entry: Any, keys: tuple[str, ...], where: str) -> dict[str, str]:
+    """The entry's `keys`, each a non-empty text, or an EvalError naming `where` and the key."""
+    if not isinstance(entry, dict):
+        raise EvalError(f"{where} is a {type(entry).__name__}, not an object with {' and '.join(map(repr, keys))}")
+    for key in keys:
+        if key not in entry:
+            raise EvalError(f"{where} lacks {key!r}")
+        if not isinstance(entry[key], str) or not entry[key].strip():
+            raise EvalError(f"{where}: {key!r} is {entry[key]!r:.60}, not a non-empty text")
+    return {key: entry[key] for key in keys}
+
+
+def _own_rules(data: dict[str, Any], source: str, digest: str) -> JudgeRules:
+    """llavakit's format: system, instructions ({role}, {focus}), categories of {role, focus}."""
+    top = _text_fields(data, ("system", "instructions"), f"{source} (llavakit judge rules)")
+    if "categories" not in data:
+        raise EvalError(f"{source} (llavakit judge rules) lacks 'categories' (an object of category: {{role, focus}})")
+    categories = data["categories"]
+    if not isinstance(categories, dict) or not categories:
+        raise EvalError(f"{source}: 'categories' is {categories!r:.60}, not an object of category: {{role, focus}}")
+    rules = {c: _text_fields(r, ("role", "focus"), f"{source}: category {c!r}") for c, r in categories.items()}
+    try:
+        top["instructions"].format(role="", focus="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise EvalError(f"{source}: 'instructions' may only use {{role}} and {{focus}} (other braces doubled): "
+                        f"{exc!r}") from None
+    return JudgeRules(source, "llavakit", top["system"], rules, top["instructions"], digest)
+
+
+def _llava_rules(data: Any, source: str, digest: str) -> JudgeRules:
+    """LLaVA's rule.json: {rule key: {role, prompt}}; anything else is neither format."""
+    neither = (f"{source}: neither llavakit's judge rules (keys {', '.join(map(repr, OWN_KEYS))}) nor LLaVA's "
+               "rule.json (an object of rule key: {role, prompt})")
+    if not isinstance(data, dict) or not data:
+        raise EvalError(f"{neither}: it is {'an empty object' if data == {} else 'a ' + type(data).__name__}")
+    try:
+        rules = {k: _text_fields(r, ("role", "prompt"), f"rule {k!r}") for k, r in data.items()}
+    except EvalError as exc:
+        raise EvalError(f"{neither}: {exc}") from None
+    # LLaVA's rule.json holds no system message (its review scripts send their own): ours, unless --judge-system.
+    return JudgeRules(source, "llava", _read_rules(None).system, rules, "", digest)
+
+
+def build_prompt(rules: JudgeRules, req: ReviewRequest) -> str:
     """The user message of a review: description, question, both answers, then the category's rule."""
-    rule = rules["categories"].get(req.category)
-    if rule is None:
-        known = ", ".join(sorted(rules["categories"]))
-        raise JudgeError(f"question {req.question_id!r}: no judge rule for category {req.category!r} (known: {known})")
+    rule = rules.rule_for(req.category, req.release, f"question {req.question_id!r}")
+    if rules.style == "llava":
+        return _llava_prompt(rule, req)
     role = rule["role"]
     sections = [
         ("Image description", req.context),
@@ -110,7 +231,20 @@ def build_prompt(rules: dict[str, Any], req: ReviewRequest) -> str:
         (f"Answer of {role} 2", req.answer),
     ]
     body = "\n\n".join(f"{title}:\n<<<\n{text.strip()}\n>>>" for title, text in sections)
-    return body + "\n\n" + rules["instructions"].format(role=role, focus=rule["focus"])
+    return body + "\n\n" + rules.instructions.format(role=role, focus=rule["focus"])
+
+
+def _llava_prompt(rule: dict[str, str], req: ReviewRequest) -> str:
+    """LLaVA's review layout: bracketed section titles, each section followed by a blank line, texts as they are."""
+    role = rule["role"]
+    sections = [
+        f"[Context]\n{req.context}",
+        f"[Question]\n{req.question}",
+        f"[{role} 1]\n{req.reference}\n\n[End of {role} 1]",
+        f"[{role} 2]\n{req.answer}\n\n[End of {role} 2]",
+        f"[System]\n{rule['prompt']}",
+    ]
+    return "".join(section + "\n\n" for section in sections)
 
 
 def parse_scores(reply: str, question_id: QuestionId) -> tuple[float, float]:
@@ -143,9 +277,11 @@ def judge_settings(config: JudgeConfig) -> tuple:
 class Judge:
     """Reviews answers through the configured endpoint; use as a context manager or call close()."""
 
-    def __init__(self, config: JudgeConfig, rules: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: JudgeConfig, rules: JudgeRules | None = None) -> None:
         self.config = config
-        self.rules = rules if rules is not None else load_rules()
+        self.rules = rules if rules is not None else load_rules(config.rules, config.system)
+        # a user's rules file keys its reviews apart from the packaged rules' ones (both may share a cache)
+        self.settings = judge_settings(config) + (() if self.rules.packaged else (self.rules.digest,))
         self.client = ChatClient(config.url, config.model, key_env=config.api_key_env or None,
                                  timeout=config.timeout, max_retries=config.retries, backoff=config.retry_wait,
                                  backoff_max=config.retry_wait_max, concurrency=1)
@@ -167,7 +303,7 @@ class Judge:
     def review(self, req: ReviewRequest) -> Review:
         """Grades for one question, from the cache when it holds this exact review."""
         prompt = build_prompt(self.rules, req)
-        key = cache_key(self.config.model, req.question_id, req.answer, judge_settings(self.config))
+        key = cache_key(self.config.model, req.question_id, req.answer, self.settings)
         path = Path(self.config.cache_dir) / f"{key}.json"
         cached = self._read_cache(path, sha256(prompt))
         if cached is not None:
@@ -179,13 +315,15 @@ class Judge:
         return Review(req.question_id, s1, s2, reply, cached=False)
 
     def _read_cache(self, path: Path, prompt_hash: str) -> str | None:
+        """The cached reply if it answered this exact system and user message."""
         if not path.is_file():
             return None
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             return None
-        return record.get("reply") if record.get("prompt_sha256") == prompt_hash else None
+        same_system = record.get("system_sha256", _LEGACY_SYSTEM_SHA256) == sha256(self.rules.system)
+        return record.get("reply") if same_system and record.get("prompt_sha256") == prompt_hash else None
 
     def _write_cache(self, path: Path, req: ReviewRequest, prompt_hash: str, reply: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +331,9 @@ class Judge:
             "judge_model": self.config.model,
             "question_id": req.question_id,
             "answer_sha256": sha256(req.answer),
+            "system_sha256": sha256(self.rules.system),
             "prompt_sha256": prompt_hash,
+            "rules": self.rules.source,
             "reply": reply,
         }
         tmp = path.with_suffix(".tmp")
@@ -202,7 +342,7 @@ class Judge:
 
     def _chat(self, prompt: str, question_id: QuestionId) -> str:
         """One chat completion through the shared client (transient failures retried there), or a JudgeError."""
-        messages = [{"role": "system", "content": self.rules["system"]}, {"role": "user", "content": prompt}]
+        messages = [{"role": "system", "content": self.rules.system}, {"role": "user", "content": prompt}]
         try:
             done = self.client.complete(messages, temperature=self.config.temperature,
                                         max_tokens=self.config.max_tokens)

@@ -1,16 +1,24 @@
 """LLaVA-Bench (In-the-Wild / COCO): open-ended answers graded by an LLM judge.
 
-Files (the official release): `DIR/questions.jsonl` ({question_id, image, text, category}),
-`DIR/context.jsonl` ({image, caption} — the written description the judge sees),
-`DIR/answers_gpt4.jsonl` ({question_id, text} — the reference answers) and `DIR/images/<image>`.
+Two official releases are read, told apart by their questions file (see `LAYOUTS`):
 
-Each question is reviewed with the reference as assistant 1 and the model as assistant 2.
-Relative score = mean model grade / mean reference grade x 100, per category and overall.
+- llava-bench-in-the-wild: `questions.jsonl` ({question_id, image, text, category}),
+  `context.jsonl` ({image, caption} — the written description the judge sees) and
+  `answers_gpt4.jsonl` ({question_id, text} — the reference answers);
+- llava-bench-coco: `qa90_questions.jsonl`, `qa90_gpt4_answer.jsonl` (the same fields) and
+  `caps_boxes_coco2014_val_80.jsonl` ({image, captions: [str], instances: [{category, bbox}]}):
+  the judge sees the captions, one per line, then after a blank line one `category: [x1, y1, x2, y2]`
+  line per instance (bbox as given in the file).
+
+Images are at `DIR/images/<image>`. Each question is reviewed with the reference as assistant 1
+and the model as assistant 2, under the judge's rules (`JudgeConfig.rules`; every question's
+category must have a rule, checked when the questions are loaded). Relative score = mean model
+grade / mean reference grade x 100, per category and overall.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +32,94 @@ from llavakit.eval.common import (
     check_unique_ids,
     image_prompt,
     make_result,
-    read_jsonl,
+    need,
+    read_jsonl_numbered,
     require_file,
 )
-from llavakit.eval.judge import Judge, JudgeConfig, Review, ReviewRequest
+from llavakit.eval.judge import Judge, JudgeConfig, Review, ReviewRequest, load_rules
 
 
-def _caption(row: Mapping[str, Any]) -> str:
-    cap = row.get("caption", "")
-    return "\n".join(cap) if isinstance(cap, list) else str(cap)
+@dataclass(frozen=True)
+class Layout:
+    """The file names of one LLaVA-Bench release, in the `--data` directory."""
+
+    release: str
+    questions: str
+    context: str
+    references: str
+
+
+LAYOUTS = (
+    Layout("llava-bench-in-the-wild", "questions.jsonl", "context.jsonl", "answers_gpt4.jsonl"),
+    Layout("llava-bench-coco", "qa90_questions.jsonl", "caps_boxes_coco2014_val_80.jsonl", "qa90_gpt4_answer.jsonl"),
+)
+
+
+def find_layout(root: Path) -> Layout:
+    """The release whose questions file is in `root`; an error if none or both are."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"LLaVA-Bench directory not found: {root}")
+    found = [layout for layout in LAYOUTS if (root / layout.questions).is_file()]
+    if not found:
+        names = " or ".join(layout.questions for layout in LAYOUTS)
+        raise FileNotFoundError(f"{root}: no LLaVA-Bench questions file (looked for {names})")
+    if len(found) > 1:
+        raise EvalError(f"{root}: holds both {found[0].questions} and {found[1].questions}; keep one release per directory")
+    return found[0]
+
+
+def _texts(value: Any, where: str, key: str) -> list[str]:
+    """A non-empty text, or a non-empty list of non-empty texts, as a list."""
+    texts = value if isinstance(value, list) else [value]
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise EvalError(f"{where}: {key!r} is {value!r:.80}, not a non-empty text (or list of texts): "
+                        "the judge would review without a description of the image")
+    return texts
+
+
+def _box_line(instance: Any, where: str) -> str:
+    """`category: [x1, y1, x2, y2]` for one instance of a caps_boxes row."""
+    category, bbox = need(instance, "category", where), need(instance, "bbox", where)
+    if not isinstance(category, str) or not category.strip():
+        raise EvalError(f"{where}: 'category' is {category!r}, not a name")
+    numbers = isinstance(bbox, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+    if not numbers or len(bbox) != 4:
+        raise EvalError(f"{where}: 'bbox' is {bbox!r:.80}, not [x1, y1, x2, y2]")
+    return f"{category}: [{', '.join(str(v) for v in bbox)}]"
+
+
+def describe(row: Any, where: str) -> str:
+    """What the judge reads about an image: a context.jsonl `caption` (a list is joined line by line), or a
+    caps_boxes row's `captions`, one per line, then a blank line and one box line per `instances` entry."""
+    if isinstance(row, Mapping) and "captions" in row:
+        captions = _texts(row["captions"], where, "captions")
+        instances = need(row, "instances", where, " (a row with 'captions' also lists the image's 'instances')")
+        if not isinstance(instances, list):
+            raise EvalError(f"{where}: 'instances' is a {type(instances).__name__}, not a list")
+        boxes = [_box_line(inst, f"{where}: instance {i}") for i, inst in enumerate(instances)]
+        return "\n".join(captions) + ("\n\n" + "\n".join(boxes) if boxes else "")
+    caption = need(row, "caption", where, " (nor 'captions'): the judge needs the image's description")
+    return "\n".join(_texts(caption, where, "caption"))
+
+
+def _index(path: Path, key: str, value: Callable[[Any, str], Any]) -> dict[Any, Any]:
+    """row[key] -> value(row, "file:line") for every row of a JSON-lines file; a repeated key is an error."""
+    out: dict[Any, Any] = {}
+    lines: dict[Any, int] = {}
+    for lineno, row in read_jsonl_numbered(path):
+        where = f"{path}:{lineno}"
+        k = need(row, key, where)
+        if k in out:
+            raise EvalError(f"{where}: {key} {k!r} again (first at line {lines[k]})")
+        out[k], lines[k] = value(row, where), lineno
+    return out
+
+
+def _reference(row: Any, where: str) -> str:
+    text = need(row, "text", where)
+    if not isinstance(text, str) or not text.strip():
+        raise EvalError(f"{where}: reference answer 'text' is {text!r:.80}, not a non-empty text")
+    return text
 
 
 def relative_scores(reviews: Sequence[tuple[str, Review]]) -> dict[str, dict[str, float]]:
@@ -58,31 +145,43 @@ class LlavaBench:
     judge: JudgeConfig | None = None
 
     def load(self, data_path: Path) -> list[EvalItem]:
-        """Questions joined with their image description and reference answer."""
+        """Questions joined with their image description and reference answer (release: `find_layout`)."""
         root = Path(data_path)
-        questions = read_jsonl(require_file(root / "questions.jsonl", "LLaVA-Bench questions.jsonl"))
-        ctx_path = require_file(root / "context.jsonl", "LLaVA-Bench context.jsonl")
-        contexts = {row["image"]: _caption(row) for row in read_jsonl(ctx_path)}
-        refs_path = require_file(root / "answers_gpt4.jsonl", "LLaVA-Bench answers_gpt4.jsonl")
-        refs = {row["question_id"]: row["text"] for row in read_jsonl(refs_path)}
-        items = [self._item(root, q, contexts, refs) for q in questions]
-        check_unique_ids(items, root / "questions.jsonl")
+        layout = find_layout(root)
+        contexts = _index(require_file(root / layout.context, f"{layout.release} {layout.context}"), "image", describe)
+        refs = _index(require_file(root / layout.references, f"{layout.release} {layout.references}"), "question_id",
+                      _reference)  # fmt: skip
+        qpath = root / layout.questions
+        items = [self._item(root, layout, q, f"{qpath}:{lineno}", contexts, refs) for lineno, q in read_jsonl_numbered(qpath)]
+        check_unique_ids(items, qpath)
+        self._check_rules(items, qpath)
         return items
 
-    def _item(self, root: Path, q: Mapping[str, Any], contexts: Mapping[str, str], refs: Mapping[Any, str]) -> EvalItem:
-        qid = q["question_id"]
-        if q["image"] not in contexts:
-            raise EvalError(f"{root / 'context.jsonl'}: no description of image {q['image']!r} (question {qid!r})")
+    def _check_rules(self, items: Sequence[EvalItem], qpath: Path) -> None:
+        """With a judge set, every question's category has a rule in its rules file (before any prediction)."""
+        if self.judge is None:
+            return
+        rules = load_rules(self.judge.rules, self.judge.system)
+        for item in items:
+            rules.rule_for(item.category, item.meta["release"], f"{qpath}: question {item.question_id!r}")
+
+    def _item(self, root: Path, layout: Layout, q: Any, where: str, contexts: Mapping[str, str],
+              refs: Mapping[Any, str]) -> EvalItem:  # fmt: skip
+        qid = need(q, "question_id", where)
+        where = f"{where} (question {qid!r})"
+        image, text, category = need(q, "image", where), need(q, "text", where), need(q, "category", where)
+        if image not in contexts:
+            raise EvalError(f"{where}: no description of image {image!r} in {root / layout.context}")
         if qid not in refs:
-            raise EvalError(f"{root / 'answers_gpt4.jsonl'}: no reference answer for question {qid!r}")
+            raise EvalError(f"{where}: no reference answer in {root / layout.references}")
         return EvalItem(
             question_id=qid,
-            prompt=image_prompt(q["text"], None),
-            images=(str(root / "images" / q["image"]),),
+            prompt=image_prompt(text, None),
+            images=(str(root / "images" / image),),
             answer=refs[qid],
-            category=q["category"],
+            category=category,
             max_new_tokens=LONG_MAX_NEW_TOKENS,
-            meta={"context": contexts[q["image"]], "question": q["text"]},
+            meta={"context": contexts[image], "question": text, "release": layout.release},
         )
 
     def score(self, items: Sequence[EvalItem], answers: Mapping[QuestionId, str]) -> dict[str, Any]:
@@ -93,9 +192,10 @@ class LlavaBench:
         reviews = []
         with Judge(self.judge) as judge:
             for item, text in zip(items, texts):
-                req = ReviewRequest(item.question_id, item.category, item.meta["context"], item.meta["question"], item.answer, text)
+                req = ReviewRequest(item.question_id, item.category, item.meta["context"], item.meta["question"],
+                                    item.answer, text, item.meta["release"])
                 reviews.append((item.category, judge.review(req)))
-            calls = judge.calls
+            calls, rules = judge.calls, judge.rules
         rows = relative_scores(reviews)
         metrics = {"relative_score": rows["all"]["relative_score"]} | {
             f"{c}_relative": r["relative_score"] for c, r in rows.items() if c != "all"
@@ -103,6 +203,7 @@ class LlavaBench:
         details = {
             "judge_model": self.judge.model,
             "judge_calls": calls,
+            "judge_rules": {"file": rules.source, "format": rules.style, "sha256": rules.digest, "system": rules.system},
             "reviews": {str(r.question_id): [r.reference_score, r.model_score] for _, r in reviews},
         }
         return make_result(self.name, len(items), "relative_score", metrics, {"category": rows}, details)

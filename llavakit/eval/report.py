@@ -18,9 +18,11 @@ def fmt(value: Any) -> str:
 
 
 def markdown(results: Mapping[str, Any]) -> str:
-    """A readable summary: headline metrics, then one table per breakdown."""
+    """A readable summary: headline metrics (after any `details.notes`), then one table per breakdown."""
     title = results["benchmark"] + (f" — {results['model_id']}" if results.get("model_id") else "")
     lines = [f"# {title}", "", f"{results['num_questions']} questions; rates in percent; charted: `{results['primary']}`.", ""]
+    lines += [f"Note: {note}" for note in results.get("details", {}).get("notes", [])]
+    lines += [""] if results.get("details", {}).get("notes") else []
     lines += ["| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {fmt(v)} |" for k, v in results["metrics"].items()]
     for group, rows in results.get("breakdown", {}).items():

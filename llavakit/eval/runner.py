@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,30 @@ def evaluate(
     with `model_id` and `run` ({new_answers, reused_answers}) added.
     """
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
+    run = predict_benchmark(bench, data_path, predict_fn, out_dir, batch_size, model_id, limit, log)
+    return score_and_report(bench, run.items, run.answers, Path(out_dir), model_id, new_answers=run.new_answers)
+
+
+@dataclass(frozen=True)
+class PredictionRun:
+    """The questions of a run and every answer to them (reused and new)."""
+
+    items: list[EvalItem]
+    answers: dict[QuestionId, str]
+    new_answers: int
+
+
+def predict_benchmark(
+    bench: Benchmark,
+    data_path: str | Path,
+    predict_fn: PredictFn,
+    out_dir: str | Path,
+    batch_size: int = 8,
+    model_id: str = "",
+    limit: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PredictionRun:
+    """Load the questions and answer those `out_dir/answers.jsonl` does not answer yet (no scoring)."""
     if batch_size < 1:
         raise EvalError(f"batch size must be >= 1, got {batch_size}")
     items = bench.load(Path(data_path))
@@ -144,7 +169,7 @@ def evaluate(
         log(f"{bench.name}: {len(items)} questions, {len(items) - len(pending)} already answered")
     check_images(pending)
     answers.update(predict_missing(pending, predict_fn, out / ANSWERS_FILE, model_id, batch_size, log))
-    return score_and_report(bench, items, answers, out, model_id, new_answers=len(pending))
+    return PredictionRun(items, answers, len(pending))
 
 
 def score_and_report(
