@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llavakit.model.modeling import ASPECT_MODES, LlavakitMeta
-from llavakit.model.projector import PROJECTORS
+from llavakit.model.projector import HIDDEN_ACT, PROJECTORS
 
 # model_type of a vision checkpoint -> (vision model class name, has a CLS token)
 VISION_TOWERS: dict[str, tuple[str, bool]] = {
@@ -135,7 +135,7 @@ def init_model(cfg: InitConfig) -> Path:
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=patches + (1 if has_cls and strategy == "full" else 0),
         vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=strategy,
-        projector_hidden_act="gelu", pad_token_id=tokenizer.pad_token_id,
+        projector_hidden_act=HIDDEN_ACT[cfg.projector], pad_token_id=tokenizer.pad_token_id,
         llavakit=LlavakitMeta(cfg.projector, template.to_dict(), cfg.image_aspect_ratio).to_dict(),
     )
     torch.manual_seed(cfg.seed)
