@@ -231,7 +231,7 @@ def test_export_hf_refuses_linear(tiny_parts, tmp_path):
     from llavakit.interop.hf import export_hf
 
     src = make_model(tiny_parts, tmp_path / "lin", projector="linear")
-    with pytest.raises(ValueError, match="projector 'linear' has no llava-hf equivalent"):
+    with pytest.raises(ValueError, match="projector 'linear' is not exported: transformers reads the llavakit dir as it is"):
         export_hf(src, tmp_path / "out")
 
 

@@ -177,29 +177,59 @@ def test_siglip_and_qwen2_linear(tiny_parts, tmp_path):
     assert lm.model.config.vision_feature_select_strategy == "full"  # SigLIP has no CLS token
     assert lm.image_seq_length == 16
     proj = lm.model.model.multi_modal_projector
-    assert [n for n, _ in proj.named_parameters()] == ["linear_1.weight", "linear_1.bias"]
+    assert [n for n, _ in proj.named_parameters()] == ["linear_1.weight", "linear_1.bias"]  # linear_2: fixed buffers
+    assert [n for n, _ in proj.named_buffers()] == ["linear_2.weight", "linear_2.bias"]
     ids, pixels, labels = batch_for(lm)
     out_ = lm.model(input_ids=ids, pixel_values=pixels, labels=labels)
     assert torch.isfinite(out_.loss)
 
 
-def test_hf_llava_loads_a_linear_projector_with_a_random_linear_2(tiny_parts, tmp_path):
-    """What docs/model.md says about `linear` in plain transformers: no error and no shape mismatch
-    (linear_1 has the same shape), but linear_2 is reported missing and randomly initialised, so the
-    model runs with a different projector (linear_1 -> GELU -> random linear_2)."""
+@pytest.mark.parametrize("lm_name", ["llama", "qwen2"])  # qwen2: tied embeddings
+def test_hf_llava_loads_a_linear_projector_exactly(tiny_parts, tmp_path, lm_name):
+    """`linear` is written in transformers' layout: projector_hidden_act 'linear' (the identity) and an
+    identity linear_2, so plain LlavaForConditionalGeneration loads every tensor and gives our logits."""
     from transformers import LlavaForConditionalGeneration
 
-    out = make_model(tiny_parts, tmp_path / "m", projector="linear")
+    out = make_model(tiny_parts, tmp_path / "m", lm=lm_name, projector="linear")
+    assert json.loads((out / "config.json").read_text())["projector_hidden_act"] == "linear"
     hf, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
-    assert set(info["missing_keys"]) == {"model.multi_modal_projector.linear_2.weight",
-                                         "model.multi_modal_projector.linear_2.bias"}
-    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    width = hf.config.text_config.hidden_size
+    assert torch.equal(hf.model.multi_modal_projector.linear_2.weight, torch.eye(width))
+    assert torch.equal(hf.model.multi_modal_projector.linear_2.bias, torch.zeros(width))
     lm = load_model(out)
     ids, pixels, _ = batch_for(lm)
     with torch.no_grad():
         ours = lm.model(input_ids=ids, pixel_values=pixels).logits  # [1, T, V]
         theirs = hf.eval()(input_ids=ids, pixel_values=pixels).logits
-    assert (ours - theirs).abs().max().item() > 1e-3
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_a_linear_projector_dir_written_without_linear_2_still_loads_exactly(tiny_parts, tmp_path):
+    """Dirs written before the identity linear_2 (projector_hidden_act 'gelu', no linear_2 tensors): llavakit
+    loads them with the identity (transformers would leave it uninitialised) and saves them in the new form."""
+    from safetensors.torch import load_file, save_file
+
+    from llavakit.model import io
+
+    new = make_model(tiny_parts, tmp_path / "new", projector="linear")
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in new.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "projector_hidden_act": "gelu"}))
+    tensors = {k: v for k, v in load_file(new / "model.safetensors").items() if ".linear_2." not in k}
+    save_file(tensors, old / "model.safetensors", metadata={"format": "pt"})
+    lm_new, lm_old = load_model(new), load_model(old)
+    assert lm_old.model.config.projector_hidden_act == "linear"
+    ids, pixels, _ = batch_for(lm_new)
+    with torch.no_grad():
+        want = lm_new.model(input_ids=ids, pixel_values=pixels).logits  # [1, T, V]
+        assert torch.equal(lm_old.model(input_ids=ids, pixel_values=pixels).logits, want)
+    resaved = io.save_model(lm_old.model, lm_old.tokenizer, lm_old.image_processor, tmp_path / "resaved", has_cls=True)
+    assert json.loads((resaved / "config.json").read_text())["projector_hidden_act"] == "linear"
+    assert load_file(resaved / "model.safetensors").keys() == load_file(new / "model.safetensors").keys()
 
 
 def test_full_strategy_keeps_cls(tiny_parts, tmp_path):

@@ -176,6 +176,42 @@ def test_instruct_lora_merges_into_a_transformers_model(aligned, squares, tmp_pa
     assert_transformers_logits_match(out / "model", squares)
 
 
+@pytest.mark.parametrize("lm_name", ["llama", "qwen2"])  # qwen2: tied embeddings (one set of rows)
+def test_lora_trains_the_rows_of_tokens_the_template_added(tiny_parts, squares, tmp_path, lm_name):
+    """chatml's <|im_start|>/<|im_end|> are new to the tiny LMs: init sets their embedding and LM-head rows to the
+    mean row (as LLaVA), and a LoRA run trains exactly those rows (peft trainable tokens, a small adapter)."""
+    from conftest import make_model
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from llavakit.train.model import new_token_ids
+
+    start = make_model(tiny_parts, tmp_path / "m", lm=lm_name, template="chatml")
+    lm = load_model(start)
+    new = new_token_ids(lm.tokenizer, lm.model.config)
+    assert lm.tokenizer.convert_ids_to_tokens(new) == ["<|im_start|>", "<|im_end|>"]
+    old = lm.model.config.image_token_id  # `<image>` comes first: the rows before it are the base LM's
+    for layer in (lm.model.get_input_embeddings(), lm.model.get_output_embeddings()):
+        mean = layer.weight[:old].mean(0)  # [D]
+        assert all(torch.allclose(layer.weight[i], mean, atol=1e-6) for i in [old, *new])
+    out = train(config("instruct", start, tmp_path / "run", squares["qa"], squares["images"],
+                       optim={"lr": 1e-2, "max_steps": 2}, lora={"enabled": True, "r": 4, "alpha": 8, "save_adapter": True}))
+    before, after = weights(start), weights(out / "model")
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        moved = (before[key] != after[key]).any(dim=1)  # [V]
+        assert moved.nonzero().flatten().tolist() == new, key  # those rows, and no other
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    rows = {k: tuple(v.shape) for k, v in adapter.items() if "trainable_tokens" in k}
+    assert set(rows.values()) == {(2, 64)} and len(rows) == (1 if lm_name == "qwen2" else 2)
+    assert max(v.shape[0] for v in adapter.values()) < len(lm.tokenizer)  # no whole [V, D] matrix saved
+    ids = torch.tensor([[1, new[0], 5, 9, new[1], 2]])
+    with torch.no_grad():
+        merged = load_model(out / "model").model(input_ids=ids).logits  # [1, T, V]
+        rebuilt = PeftModel.from_pretrained(load_model(start).model, out / "adapter").eval()(input_ids=ids).logits
+    assert (rebuilt - merged).abs().max() < 1e-4
+    assert_transformers_logits_match(out / "model", squares)
+
+
 def test_lora_init_adapter_goes_on_training_a_saved_adapter(aligned, squares, tmp_path):
     """A second LoRA run from the same base continues the first run's adapter (its step-0 eval loss is the
     first run's final one, not the base model's), and its adapter alone still rebuilds its merged model."""

@@ -189,6 +189,7 @@ def convert_llava(cfg: ConvertConfig) -> Path:
     from llavakit.model.build import add_tokens, check_tower_settings, image_processor_for, load_vision
     from llavakit.model.io import save_model
     from llavakit.model.modeling import LlavakitMeta
+    from llavakit.model.projector import HIDDEN_ACT
 
     src = Path(cfg.src)
     legacy = read_config(src)
@@ -216,7 +217,7 @@ def convert_llava(cfg: ConvertConfig) -> Path:
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(vc.image_size // vc.patch_size) ** 2 + (1 if has_cls and legacy.strategy == "full" else 0),
         vision_feature_layer=legacy.select_layer, vision_feature_select_strategy=legacy.strategy,
-        projector_hidden_act="gelu", pad_token_id=tokenizer.pad_token_id,
+        projector_hidden_act=HIDDEN_ACT[legacy.projector], pad_token_id=tokenizer.pad_token_id,
         llavakit=LlavakitMeta(legacy.projector, template.to_dict(), legacy.aspect, stage="converted", history=history).to_dict(),
     )
     model = assemble(config, state, origin)

@@ -77,8 +77,9 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
 
     lm = load_any(src)
     if lm.meta.projector_type != "mlp2x_gelu":
-        raise ValueError(f"{lm.path}: projector {lm.meta.projector_type!r} has no llava-hf equivalent "
-                         "(transformers, vLLM and SGLang only know mlp2x_gelu); it loads only through llavakit")
+        raise ValueError(f"{lm.path}: projector {lm.meta.projector_type!r} is not exported: transformers reads the "
+                         "llavakit dir as it is (projector_hidden_act 'linear'), but the runtimes this export is for "
+                         "(vLLM, SGLang) are only known to run mlp2x_gelu")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise FileExistsError(f"{out} exists and is not a model dir; refusing to replace it")

@@ -209,7 +209,14 @@ def projector_state(weights: LegacyWeights, kind: str, source: str) -> dict:
             f"{source}: projector weights {sorted(weights.projector) or 'none'} do not fit "
             f"mm_projector_type {kind!r} (expected {sorted(mapping)})"
         )
-    return {f"model.multi_modal_projector.{mapping[k]}": v for k, v in weights.projector.items()}
+    state = {f"model.multi_modal_projector.{mapping[k]}": v for k, v in weights.projector.items()}
+    if kind == "linear":  # the identity linear_2 of its transformers layout (llavakit/model/projector.py)
+        from llavakit.model.projector import FixedIdentity
+
+        width = weights.projector["weight"].shape[0]  # [Dt, Dv]
+        fixed = FixedIdentity(width, bias="bias" in weights.projector).state_dict()
+        state.update({f"model.multi_modal_projector.linear_2.{k}": v for k, v in fixed.items()})
+    return state
 
 
 def adapter_file(src: Path) -> Path:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llavakit.model.modeling import ASPECT_MODES, LlavakitMeta
-from llavakit.model.projector import PROJECTORS
+from llavakit.model.projector import HIDDEN_ACT, PROJECTORS
 
 # model_type of a vision checkpoint -> (vision model class name, has a CLS token)
 VISION_TOWERS: dict[str, tuple[str, bool]] = {
@@ -109,6 +109,21 @@ def add_tokens(tokenizer, template) -> None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
 
 
+def mean_init_rows(lm, first: int) -> None:
+    """Input and output embedding rows `first`.. (the tokens `add_tokens` added) set to the mean of the rows before
+    them, as LLaVA initialises new tokens: a stop token like chatml's `<|im_end|>` starts as an average token, not
+    a random one. By id, not by the resize: an LM whose matrix has spare rows (Qwen2) gives new tokens those rows.
+    transformers' `mean_resizing` only fills appended rows, and samples around the mean rather than taking it."""
+    import torch
+
+    for layer in (lm.get_input_embeddings(), lm.get_output_embeddings()):  # the same tensor twice when tied
+        with torch.no_grad():
+            rows = layer.weight[first:]  # [V - first, D]
+            rows.copy_(layer.weight[:first].float().mean(0).to(rows.dtype).expand_as(rows))
+            if getattr(layer, "bias", None) is not None:
+                layer.bias[first:] = layer.bias[:first].float().mean()
+
+
 def init_model(cfg: InitConfig) -> Path:
     """Assemble, save and return the output dir."""
     import torch
@@ -126,8 +141,10 @@ def init_model(cfg: InitConfig) -> Path:
     lm_path = resolve_lm(cfg.lm)
     tokenizer = AutoTokenizer.from_pretrained(lm_path)
     lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=torch.float32)
+    known = len(tokenizer)
     add_tokens(tokenizer, template)
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    mean_init_rows(lm, known)
     vc = vision.config
     patches = (vc.image_size // vc.patch_size) ** 2
     config = LlavaConfig(
@@ -135,7 +152,7 @@ def init_model(cfg: InitConfig) -> Path:
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=patches + (1 if has_cls and strategy == "full" else 0),
         vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=strategy,
-        projector_hidden_act="gelu", pad_token_id=tokenizer.pad_token_id,
+        projector_hidden_act=HIDDEN_ACT[cfg.projector], pad_token_id=tokenizer.pad_token_id,
         llavakit=LlavakitMeta(cfg.projector, template.to_dict(), cfg.image_aspect_ratio).to_dict(),
     )
     torch.manual_seed(cfg.seed)

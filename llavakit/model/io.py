@@ -74,13 +74,9 @@ def save_model(model, tokenizer, image_processor, out: str | Path, *, has_cls: b
 
 
 def _set_architecture(config_path: Path) -> None:
-    """Name transformers' own class: our subclass only differs for `linear` projectors.
-
-    Kept for `linear` too: another name would not protect transformers users, since
-    `LlavaForConditionalGeneration.from_pretrained` and the Auto classes go by `model_type`, not
-    `architectures`. transformers itself reports the `linear_2` it lacks as missing (a warning, and
-    `missing_keys`); docs/model.md says so prominently and tests/test_model.py pins that behaviour.
-    """
+    """Name transformers' own class: our subclass only differs for `linear` projectors, and those are written
+    in transformers' layout too (`projector_hidden_act: linear`, identity `linear_2`), so
+    `LlavaForConditionalGeneration` computes the same model (tests/test_model.py)."""
     data = json.loads(config_path.read_text())
     data["architectures"] = ["LlavaForConditionalGeneration"]
     config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,8 +1,9 @@
 """llavakit's model: transformers' LLaVA, with the projector taken from our registry.
 
 For `mlp2x_gelu` this is exactly `LlavaForConditionalGeneration` (same modules, same keys, same
-forward). The subclass exists only so that `linear` (LLaVA 1.0) checkpoints build the right
-projector before their weights load. Feature selection (layer, CLS drop), the scatter of image
+forward). The subclass exists only so that `linear` (LLaVA 1.0) models build a projector whose
+`linear_2` is a fixed identity (buffers, never trained), and so that dirs written before that
+identity was saved still load exactly. Feature selection (layer, CLS drop), the scatter of image
 features into `<image>` positions and the count check (ValueError with both counts) are
 transformers' own.
 """
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import LlavaForConditionalGeneration
 
-from llavakit.model.projector import PROJECTORS, build_projector
+from llavakit.model.projector import PROJECTORS, FixedIdentity, build_projector
 
 ASPECT_MODES = ("pad", "resize")
 
@@ -56,10 +57,24 @@ class LlavakitForConditionalGeneration(LlavaForConditionalGeneration):
     """`LlavaForConditionalGeneration` whose projector comes from `PROJECTORS`."""
 
     def __init__(self, config):
-        super().__init__(config)
         projector = (getattr(config, "llavakit", None) or {}).get("projector_type", "mlp2x_gelu")
+        if projector == "linear":
+            # transformers' form of LLaVA 1.0's projector (see projector.py); dirs written before recorded "gelu"
+            config.projector_hidden_act = "linear"
+        super().__init__(config)
         if projector != "mlp2x_gelu":
             self.model.multi_modal_projector = build_projector(projector, config)
+
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """transformers' loader; a `linear` projector saved without `linear_2` (llavakit before the identity
+        `linear_2` was written) gets that identity, which transformers would leave uninitialised."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        fixed = getattr(model.model.multi_modal_projector, "linear_2", None)
+        prefix = "model.multi_modal_projector.linear_2."
+        if isinstance(fixed, FixedIdentity) and {prefix + "weight", prefix + "bias"} & set(info["missing_keys"]):
+            fixed.reset()
+        return (model, info) if output_loading_info else model
 
     def forward(self, input_ids=None, pixel_values=None, **kwargs):
         if input_ids is not None and pixel_values is not None:

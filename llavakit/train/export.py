@@ -42,7 +42,8 @@ def rebuild(cfg, init_dir: Path, state: dict):
     from llavakit.model.io import load_model
     from llavakit.train.model import prepare_model
 
-    model = prepare_model(load_model(init_dir).model, cfg)
+    start = load_model(init_dir)
+    model = prepare_model(start.model, cfg, start.tokenizer)
     prefix = "model."  # TrainModule.model
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -60,8 +60,35 @@ def lora_targets(llava: nn.Module, names) -> list[str]:
     return picked
 
 
-def apply_lora(llava: nn.Module, lora, *, train_vision: bool) -> nn.Module:
-    """LoRA on the language model; the projector (and vision tower if trained) as full `modules_to_save`."""
+def new_token_ids(tokenizer, config) -> list[int]:
+    """The tokens no row of the base LM was trained for: every token added after `<image>`, but the pad token.
+
+    `llavakit init` and `convert` add `<image>` first, then the template's own special tokens that the LM lacks
+    (chatml's `<|im_start|>`, `<|im_end|>`), then a pad token if missing, so those ids follow `<image>`'s; a
+    template token the base tokenizer already had (SmolLM2's or Qwen2's chatml) comes before it and is excluded.
+    Pad is never a target nor attended to."""
+    added = tokenizer.get_added_vocab().values()  # token -> id of every added token
+    return sorted(i for i in added if i > config.image_token_id and i != tokenizer.pad_token_id)
+
+
+def token_rows(llava: nn.Module, ids: list[int]) -> dict[str, list[int]] | None:
+    """peft `trainable_token_indices`: these rows of the input embedding and of the LM head (one set of rows when
+    the two are tied: peft then ties the LM head to the embedding's rows)."""
+    if not ids:
+        return None
+    rows = {"embed_tokens": list(ids)}
+    if not llava.config.get_text_config().tie_word_embeddings:
+        rows["lm_head"] = list(ids)
+    return rows
+
+
+def apply_lora(llava: nn.Module, lora, *, train_vision: bool, new_tokens: list[int] = ()) -> nn.Module:
+    """LoRA on the language model; the projector (and vision tower if trained) as full `modules_to_save`; the
+    embedding and LM-head rows of `new_tokens` (see `new_token_ids`) as peft trainable tokens.
+
+    Trainable tokens rather than the embedding and LM head in `modules_to_save`: the adapter then holds those
+    rows only ([n, D] each), not two [V, D] matrices, and merging writes exactly those rows. Without them the
+    rows of a template's stop token would stay at their initial mean for good under LoRA."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -69,6 +96,7 @@ def apply_lora(llava: nn.Module, lora, *, train_vision: bool) -> nn.Module:
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=lora_targets(llava, lora.target_modules), modules_to_save=modules_to_save,
+        trainable_token_indices=token_rows(llava, new_tokens),
     )
     with warnings.catch_warnings():  # peft probes a deprecated transformers property
         warnings.simplefilter("ignore", FutureWarning)
@@ -102,7 +130,8 @@ def check_adapter(path: Path, want) -> None:
     have = PeftConfig.from_pretrained(str(path))
     pairs = {"r": (have.r, want.r), "alpha": (have.lora_alpha, want.lora_alpha),
              "dropout": (have.lora_dropout, want.lora_dropout),  # peft would use the saved one, silently
-             "modules_to_save": (set(have.modules_to_save or ()), set(want.modules_to_save or ()))}
+             "modules_to_save": (set(have.modules_to_save or ()), set(want.modules_to_save or ())),
+             "trainable_token_indices": (have.trainable_token_indices, want.trainable_token_indices)}
     wrong = [_differs(key, a, b) for key, (a, b) in pairs.items() if a != b]
     if wrong:
         raise ValueError(f"lora.init_adapter {path}: the adapter does not match this run's LoRA settings: "
@@ -115,14 +144,14 @@ def _differs(key: str, there, here) -> str:
     return f"{key}: {there!r} there, {here!r} here"
 
 
-def prepare_model(llava: nn.Module, cfg) -> nn.Module:
+def prepare_model(llava: nn.Module, cfg, tokenizer) -> nn.Module:
     """Freeze per stage, enable gradient checkpointing, add LoRA; returns what is trained (llava or peft)."""
     set_trainable(llava, train_lm=bool(cfg.train_lm) and not cfg.lora.enabled, train_vision=cfg.train_vision)
     if cfg.runtime.gradient_checkpointing:
         set_checkpointing(llava, True)
         llava.config.use_cache = False
     if cfg.lora.enabled:
-        return apply_lora(llava, cfg.lora, train_vision=cfg.train_vision)
+        return apply_lora(llava, cfg.lora, train_vision=cfg.train_vision, new_tokens=new_token_ids(tokenizer, llava.config))
     return llava
 
 

@@ -367,7 +367,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     state.data_fingerprint = fingerprint(train_index)
     if cfg.data.feature_cache:
         attach_feature_cache(run, loaded.model)
-    model = prepare_model(loaded.model, cfg)
+    model = prepare_model(loaded.model, cfg, loaded.tokenizer)
     build_optimizer(run, model)
     sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP") and procs.num_processes > 1
     module = TrainModule(model, freeze_vision_mode=not cfg.train_vision,
