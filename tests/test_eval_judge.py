@@ -307,7 +307,9 @@ def test_llava_bench_with_llavas_rules(server, tmp_path):
     assert r["details"]["judge_rules"]["format"] == "llava" and r["details"]["judge_rules"]["file"] == str(LLAVA_RULES)
     system, user = (m["content"] for m in server.requests[0]["body"]["messages"])
     assert system == load_rules().system == r["details"]["judge_rules"]["system"]
-    assert user == ("[Context]\nA small kitchen with a red kettle on a gas stove and a window above the sink.\n\n"
+    # context.jsonl's caption is one string: LLaVA's script puts a newline between its characters, and so do we here
+    caption = "A small kitchen with a red kettle on a gas stove and a window above the sink."
+    assert user == (f"[Context]\n{chr(10).join(caption)}\n\n"
                     "[Question]\nWhat colour is the kettle?\n\n[Assistant 1]\nThe kettle is red.\n\n[End of Assistant 1]\n\n"
                     "[Assistant 2]\nIt is red.\n\n[End of Assistant 2]\n\n"
                     f"[System]\n{raw['llava_bench_conv']['prompt']}\n\n")
@@ -372,6 +374,45 @@ def test_a_changed_system_message_is_judged_again_and_old_records_stay_valid(ser
     assert len(server.requests) == 2
 
 
+def _old_cache_key(model, question_id, answer, settings) -> str:
+    """A cache key as computed before the system message and the release could join it."""
+    import hashlib
+
+    def digest(text):
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    return digest(json.dumps([model, str(question_id), digest(answer), *settings]))
+
+
+@pytest.mark.parametrize("rules", [None, LLAVA_RULES])
+def test_default_reviews_keep_the_cache_keys_they_had(server, tmp_path, rules):
+    """The packaged system message and in-the-wild add nothing to the key: caches written before stay valid."""
+    cfg = config(server, tmp_path, rules=rules)
+    req = ReviewRequest(0, "conv", "ctx", "What colour is the kettle?", "Red.", "It is red.")
+    with Judge(cfg) as judge:
+        judge.review(req)
+        digest = () if rules is None else (judge.rules.digest,)
+    (record,) = cfg.cache_dir.glob("*.json")
+    assert record.stem == _old_cache_key("judge-x", 0, "It is red.", (cfg.url, 0.2, 1024, *digest))
+
+
+def test_two_system_messages_and_two_releases_share_a_cache(server, tmp_path):
+    """Reviews under another --judge-system, or of COCO's question 0 beside in-the-wild's, each keep their record:
+    alternating runs judge nothing again."""
+    req = ReviewRequest(0, "conv", "ctx", "What colour is the kettle?", "Red.", "It is red.")
+    coco = replace(req, context="captions", release="llava-bench-coco")
+    runs = [(config(server, tmp_path), req), (config(server, tmp_path, system="Grade harshly."), req),
+            (config(server, tmp_path, system="Grade gently."), req), (config(server, tmp_path), coco),
+            (config(server, tmp_path, rules=LLAVA_RULES), req), (config(server, tmp_path, rules=LLAVA_RULES), coco)]
+    for cfg, r in runs + runs:
+        with Judge(cfg) as judge:
+            judge.review(r)
+    assert len(server.requests) == len(runs) and len(list(runs[0][0].cache_dir.glob("*.json"))) == len(runs)
+    packaged_text = config(server, tmp_path, system=load_rules().system)  # the packaged message given explicitly
+    with Judge(packaged_text) as judge:
+        assert judge.review(req).cached
+
+
 def test_cli_judge_rules_option(server, tmp_path, capsys):
     from llavakit.cli import main
 
@@ -414,6 +455,37 @@ def test_llava_bench_coco_release_shows_captions_then_boxes():
         "A person holds a teapot over a table.\nTwo cups stand on a wooden table.\n\n"
         "person: [0.1, 0.05, 0.52, 0.98]\ncup: [0.6, 0.7, 0.68, 0.8]\ncup: [0.72, 0.69, 0.8, 0.79]"
     )
+    assert items[0].meta["llava_context"] == items[0].meta["context"]  # LLaVA's script writes it the same way
+
+
+def test_llava_bench_coco_row_without_instances_keeps_llavas_empty_boxes_section(server, tmp_path):
+    """LLaVA's COCO review writes the boxes section and its blank lines even when empty; our layout leaves it out."""
+    data = _bench_copy(tmp_path, "llava_bench_coco")
+    _rewrite(data / "caps_boxes_coco2014_val_80.jsonl", 1, lambda r: r.update(instances=[]))
+    items = get_benchmark("llava_bench").load(data)
+    captions = "A person holds a teapot over a table.\nTwo cups stand on a wooden table."
+    assert items[0].meta["context"] == captions and items[0].meta["llava_context"] == captions + "\n\n"
+    bench = replace(get_benchmark("llava_bench"), judge=config(server, tmp_path, rules=LLAVA_RULES))
+    bench.score(items, {0: "Two cups.", 1: "Pour tea."})
+    user = server.requests[0]["body"]["messages"][1]["content"]
+    assert user.startswith(f"[Context]\n{captions}\n\n\n\n[Question]\nHow many cups are on the table?\n\n")
+    ours = replace(bench, judge=config(server, tmp_path / "own"))
+    ours.score(items, {0: "Two cups.", 1: "Pour tea."})
+    assert f"<<<\n{captions}\n>>>" in server.requests[2]["body"]["messages"][1]["content"]
+
+
+def test_a_string_caption_is_joined_as_llavas_script_joins_it_only_in_llavas_layout():
+    """context.jsonl gives `caption` as one string; LLaVA's in-the-wild review joins it item by item, i.e. one
+    character per line. Our layout shows the caption as written; a list of captions is one per line in both."""
+    items = get_benchmark("llava_bench").load(FIX / "llava_bench")
+    caption = "A small kitchen with a red kettle on a gas stove and a window above the sink."
+    assert items[0].meta["context"] == caption
+    assert items[0].meta["llava_context"] == "\n".join(caption) and items[0].meta["llava_context"][:6] == "A\n \ns\n"
+    lines = "A wide street at dawn with closed shops.\nNo cars or people are visible."
+    assert items[2].meta["context"] == items[2].meta["llava_context"] == lines
+    req = ReviewRequest(0, "conv", caption, "Q?", "R", "A", llava_context="\n".join(caption))
+    assert caption in build_prompt(load_rules(), req)
+    assert build_prompt(load_rules(LLAVA_RULES), req).startswith(f"[Context]\n{chr(10).join(caption)}\n\n[Question]")
 
 
 def _bench_copy(tmp_path, name="llava_bench") -> Path:

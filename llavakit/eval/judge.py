@@ -15,9 +15,12 @@ The reply's first line must be exactly two grades "s1 s2" (1..10). A failed call
 first line raises `JudgeError` naming the question: there is no default score.
 
 Reviews are cached as `<cache_dir>/<key>.json`, key = sha256 of (judge model, question id,
-sha256 of the model answer, endpoint and sampling, and the rules file's sha256 unless it is the
-packaged one). A cached review whose system or user message differs from the current one (the
-rules or reference changed) is judged again.
+sha256 of the model answer, endpoint and sampling, then only where they differ from the defaults:
+the rules file's sha256 (not for the packaged file), the system message's sha256 (only when
+`JudgeConfig.system` replaces the file's: with our packaged rules or a LLaVA rule.json, the packaged
+message) and the release (not for in-the-wild)). Leaving the defaults out keeps the keys of caches
+written before those parts existed. A cached review whose system or user message differs from the
+current one (the rules or reference changed) is judged again.
 """
 
 from __future__ import annotations
@@ -34,12 +37,16 @@ from typing import Any, Literal
 from llavakit.eval.common import EvalError, QuestionId
 from llavakit.openai_client import ChatClient, ChatError, ChatFatal
 
+# Looser than LLaVA's reader about spaces ("8, 9"), stricter about number forms ("+8", "8."): docs/evaluation.md.
 _SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[ ,]\s*(\d+(?:\.\d+)?)\s*$")
 MIN_SCORE, MAX_SCORE = 1.0, 10.0
 
 PACKAGED_RULES = "llavakit/eval/judge_rules.json (packaged)"
 OWN_KEYS = ("system", "instructions", "categories")
 """The top-level keys of llavakit's rules format."""
+
+DEFAULT_RELEASE = "llava-bench-in-the-wild"
+"""The release a cache key leaves out (every review cached before the release joined the key was of it)."""
 
 LLAVA_RULE_PREFIX = {"llava-bench-in-the-wild": "llava_bench_", "llava-bench-coco": ""}
 """LLaVA's rule.json key of a question is this prefix of its release + its category: the in-the-wild review
@@ -99,8 +106,11 @@ class ReviewRequest:
     question: str
     reference: str
     answer: str
-    release: str = "llava-bench-in-the-wild"
+    release: str = DEFAULT_RELEASE
     """The LLaVA-Bench release (`llava_bench.LAYOUTS`); it picks the rule key in a LLaVA rule.json."""
+    llava_context: str | None = None
+    """What LLaVA's review scripts write under [Context] (`llava_bench.Description.llava`), sent in the LLaVA
+    layout only; None: `context` as it is."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,9 @@ class JudgeRules:
     """llavakit style: the text after the answers, {role} and {focus} filled in per category; empty for llava."""
     digest: str
     """sha256 of the file's bytes."""
+    file_system: str
+    """The system message the file gives (for a LLaVA rule.json, which has none, the packaged one); `system`
+    differs from it when `--judge-system` replaced it."""
 
     @property
     def packaged(self) -> bool:
@@ -201,7 +214,7 @@ def _own_rules(data: dict[str, Any], source: str, digest: str) -> JudgeRules:
     except (KeyError, IndexError, ValueError) as exc:
         raise EvalError(f"{source}: 'instructions' may only use {{role}} and {{focus}} (other braces doubled): "
                         f"{exc!r}") from None
-    return JudgeRules(source, "llavakit", top["system"], rules, top["instructions"], digest)
+    return JudgeRules(source, "llavakit", top["system"], rules, top["instructions"], digest, top["system"])
 
 
 def _llava_rules(data: Any, source: str, digest: str) -> JudgeRules:
@@ -215,7 +228,8 @@ def _llava_rules(data: Any, source: str, digest: str) -> JudgeRules:
     except EvalError as exc:
         raise EvalError(f"{neither}: {exc}") from None
     # LLaVA's rule.json holds no system message (its review scripts send their own): ours, unless --judge-system.
-    return JudgeRules(source, "llava", _read_rules(None).system, rules, "", digest)
+    packaged_system = _read_rules(None).system
+    return JudgeRules(source, "llava", packaged_system, rules, "", digest, packaged_system)
 
 
 def build_prompt(rules: JudgeRules, req: ReviewRequest) -> str:
@@ -237,8 +251,9 @@ def build_prompt(rules: JudgeRules, req: ReviewRequest) -> str:
 def _llava_prompt(rule: dict[str, str], req: ReviewRequest) -> str:
     """LLaVA's review layout: bracketed section titles, each section followed by a blank line, texts as they are."""
     role = rule["role"]
+    context = req.context if req.llava_context is None else req.llava_context
     sections = [
-        f"[Context]\n{req.context}",
+        f"[Context]\n{context}",
         f"[Question]\n{req.question}",
         f"[{role} 1]\n{req.reference}\n\n[End of {role} 1]",
         f"[{role} 2]\n{req.answer}\n\n[End of {role} 2]",
@@ -274,14 +289,30 @@ def judge_settings(config: JudgeConfig) -> tuple:
     return (config.url.rstrip("/"), config.temperature, config.max_tokens)
 
 
+def protocol_settings(rules: JudgeRules) -> tuple:
+    """What of the rules keys a review apart, each part only where it is not the default (so that caches written
+    before it joined the key keep theirs): a user's rules file (its sha256, which covers a system message of its
+    own) and a system message other than the file's, i.e. `--judge-system` (its sha256, tagged). With the packaged
+    rules or a LLaVA rule.json, the file's message is the packaged one."""
+    file_part = () if rules.packaged else (rules.digest,)
+    system_part = () if rules.system == rules.file_system else (f"system:{sha256(rules.system)}",)
+    return file_part + system_part
+
+
+def release_settings(release: str) -> tuple:
+    """The release's part of a cache key: none for in-the-wild, a tagged name for any other (its question ids
+    overlap in-the-wild's)."""
+    return () if release == DEFAULT_RELEASE else (f"release:{release}",)
+
+
 class Judge:
     """Reviews answers through the configured endpoint; use as a context manager or call close()."""
 
     def __init__(self, config: JudgeConfig, rules: JudgeRules | None = None) -> None:
         self.config = config
         self.rules = rules if rules is not None else load_rules(config.rules, config.system)
-        # a user's rules file keys its reviews apart from the packaged rules' ones (both may share a cache)
-        self.settings = judge_settings(config) + (() if self.rules.packaged else (self.rules.digest,))
+        # another rules file or system message keys its reviews apart from the default ones (they may share a cache)
+        self.settings = judge_settings(config) + protocol_settings(self.rules)
         self.client = ChatClient(config.url, config.model, key_env=config.api_key_env or None,
                                  timeout=config.timeout, max_retries=config.retries, backoff=config.retry_wait,
                                  backoff_max=config.retry_wait_max, concurrency=1)
@@ -303,7 +334,7 @@ class Judge:
     def review(self, req: ReviewRequest) -> Review:
         """Grades for one question, from the cache when it holds this exact review."""
         prompt = build_prompt(self.rules, req)
-        key = cache_key(self.config.model, req.question_id, req.answer, self.settings)
+        key = cache_key(self.config.model, req.question_id, req.answer, self.settings + release_settings(req.release))
         path = Path(self.config.cache_dir) / f"{key}.json"
         cached = self._read_cache(path, sha256(prompt))
         if cached is not None:

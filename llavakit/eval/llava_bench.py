@@ -10,6 +10,11 @@ Two official releases are read, told apart by their questions file (see `LAYOUTS
   the judge sees the captions, one per line, then after a blank line one `category: [x1, y1, x2, y2]`
   line per instance (bbox as given in the file).
 
+Each description is kept twice (`Description`): as our rules show it, and as LLaVA's review scripts
+write it under [Context], which the LLaVA layout (a LLaVA rule.json) sends. The two differ where those
+scripts join a caption given as one string character by character, and for a COCO row without
+instances (an empty boxes section, its blank lines kept).
+
 Images are at `DIR/images/<image>`. Each question is reviewed with the reference as assistant 1
 and the model as assistant 2, under the judge's rules (`JudgeConfig.rules`; every question's
 category must have a rule, checked when the questions are loaded). Relative score = mean model
@@ -88,18 +93,35 @@ def _box_line(instance: Any, where: str) -> str:
     return f"{category}: [{', '.join(str(v) for v in bbox)}]"
 
 
-def describe(row: Any, where: str) -> str:
-    """What the judge reads about an image: a context.jsonl `caption` (a list is joined line by line), or a
-    caps_boxes row's `captions`, one per line, then a blank line and one box line per `instances` entry."""
+@dataclass(frozen=True)
+class Description:
+    """What the judge reads about an image: `text` under our rules, `llava` in LLaVA's layout."""
+
+    text: str
+    llava: str
+    """As LLaVA's review scripts write it under [Context]: they put a newline between the items of the caption
+    field, so a caption given as one string (as context.jsonl gives it) becomes one character per line; a COCO
+    row's boxes section follows its blank line even when the row has no instances."""
+
+
+def _llava_lines(value: str | list[str]) -> str:
+    """LLaVA's joining of a caption field: a newline between its items, i.e. between the characters of a string."""
+    return "\n".join(value)
+
+
+def describe(row: Any, where: str) -> Description:
+    """An image's description from a context.jsonl `caption` (a list is joined line by line), or a caps_boxes row's
+    `captions`, one per line, then a blank line and one box line per `instances` entry (no section without any)."""
     if isinstance(row, Mapping) and "captions" in row:
         captions = _texts(row["captions"], where, "captions")
         instances = need(row, "instances", where, " (a row with 'captions' also lists the image's 'instances')")
         if not isinstance(instances, list):
             raise EvalError(f"{where}: 'instances' is a {type(instances).__name__}, not a list")
-        boxes = [_box_line(inst, f"{where}: instance {i}") for i, inst in enumerate(instances)]
-        return "\n".join(captions) + ("\n\n" + "\n".join(boxes) if boxes else "")
+        boxes = "\n".join(_box_line(inst, f"{where}: instance {i}") for i, inst in enumerate(instances))
+        text = "\n".join(captions) + ("\n\n" + boxes if boxes else "")
+        return Description(text, _llava_lines(row["captions"]) + "\n\n" + boxes)
     caption = need(row, "caption", where, " (nor 'captions'): the judge needs the image's description")
-    return "\n".join(_texts(caption, where, "caption"))
+    return Description("\n".join(_texts(caption, where, "caption")), _llava_lines(caption))
 
 
 def _index(path: Path, key: str, value: Callable[[Any, str], Any]) -> dict[Any, Any]:
@@ -165,7 +187,7 @@ class LlavaBench:
         for item in items:
             rules.rule_for(item.category, item.meta["release"], f"{qpath}: question {item.question_id!r}")
 
-    def _item(self, root: Path, layout: Layout, q: Any, where: str, contexts: Mapping[str, str],
+    def _item(self, root: Path, layout: Layout, q: Any, where: str, contexts: Mapping[str, Description],
               refs: Mapping[Any, str]) -> EvalItem:  # fmt: skip
         qid = need(q, "question_id", where)
         where = f"{where} (question {qid!r})"
@@ -181,7 +203,8 @@ class LlavaBench:
             answer=refs[qid],
             category=category,
             max_new_tokens=LONG_MAX_NEW_TOKENS,
-            meta={"context": contexts[image], "question": text, "release": layout.release},
+            meta={"context": contexts[image].text, "llava_context": contexts[image].llava, "question": text,
+                  "release": layout.release},
         )
 
     def score(self, items: Sequence[EvalItem], answers: Mapping[QuestionId, str]) -> dict[str, Any]:
@@ -193,7 +216,7 @@ class LlavaBench:
         with Judge(self.judge) as judge:
             for item, text in zip(items, texts):
                 req = ReviewRequest(item.question_id, item.category, item.meta["context"], item.meta["question"],
-                                    item.answer, text, item.meta["release"])
+                                    item.answer, text, item.meta["release"], item.meta["llava_context"])
                 reviews.append((item.category, judge.review(req)))
             calls, rules = judge.calls, judge.rules
         rows = relative_scores(reviews)
