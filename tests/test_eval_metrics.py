@@ -52,6 +52,23 @@ def test_normalised_forms_match():
     assert normalize_vqa("three dogs") != normalize_vqa("2 dogs")
 
 
+@pytest.mark.parametrize("raw", ["Two dogs.", "The man's hat", "red,blue", "What? Why", "t-shirt", "1,000", "a.5",
+                                 "dont know", "The, a", " (none) ", "3 o'clock", "no; yes!"])
+def test_vqa_normalisation_is_idempotent(raw):
+    """The submission file's answers are normalised before the evaluation server normalises them again: the
+    second pass changes nothing, so the server grades what it would grade from the raw answer."""
+    once = normalize_vqa(raw)
+    assert normalize_vqa(once) == once
+
+
+@pytest.mark.parametrize(("raw", "norm"), [("The man's hat", "man's hat"), ("red,blue", "red blue"),
+                                           ("What?Why", "what why")])
+def test_vqa_normalisation_keeps_possessives_and_spaces_punctuation(raw, norm):
+    """The official step, not the extra first step of LLaVA's EvalAIAnswerProcessor (which would give "man 's hat",
+    "redblue", "whatwhy"): an apostrophe stays, a mark between words becomes a space."""
+    assert normalize_vqa(raw) == norm
+
+
 @pytest.mark.parametrize(
     ("matching", "expected"),
     [

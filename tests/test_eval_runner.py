@@ -411,6 +411,18 @@ def test_vqav2_submission_rows_are_normalised_and_fill_the_other_test_questions(
         submission_rows(items, answers, [42000, 42001])
 
 
+def test_partial_submission_warning_only_for_test_dev_without_the_full_list(tmp_path):
+    from llavakit.eval.vqav2 import VQAv2, partial_submission_warning
+
+    testdev = VQAv2(questions_only=True).load(_vqa_testdev(tmp_path))
+    assert {it.meta["data_subtype"] for it in testdev} == {"test-dev2015"}
+    assert "may reject" in partial_submission_warning(Path("s.json"), testdev, None)
+    assert partial_submission_warning(Path("s.json"), testdev, tmp_path / "all.json") is None
+    val = VQAv2().load(FIX / "vqav2")  # a scored split keeps its question types beside the subtype
+    assert val[0].meta["data_subtype"] == "val2014" and "question_type" in val[0].meta
+    assert partial_submission_warning(Path("s.json"), val, None) is None
+
+
 def test_cli_vqav2_submission(tmp_path, capsys, monkeypatch):
     data = _vqa_testdev(tmp_path)
     everything = str(tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json")
@@ -424,6 +436,7 @@ def test_cli_vqav2_submission(tmp_path, capsys, monkeypatch):
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
     assert f"wrote {out / 'submission.json'}: 3 answer(s), and an empty answer to 1 other question(s)" in stdout
+    assert "warning" not in err  # every test2015 question is in the file
     rows = json.loads((out / "submission.json").read_text())
     assert [r["question_id"] for r in rows] == [42000, 42001, 77000, 90000] and rows[0]["answer"] == "answer 0"
     assert not (out / "results.json").exists()
@@ -432,6 +445,9 @@ def test_cli_vqav2_submission(tmp_path, capsys, monkeypatch):
     code, stdout, err = run_cli(["eval", "vqav2-submission", "--data", str(data), "--out", str(out)], capsys)
     assert code == 0, err
     assert [r["question_id"] for r in json.loads((out / "submission.json").read_text())] == [42000, 42001, 77000]
+    assert (f"warning: {out / 'submission.json'} answers only the 3 test-dev2015 question(s) of --data" in err
+            and "may reject" in err and "--all-questions v2_OpenEnded_mscoco_test2015_questions.json" in err)
+    assert "warning" not in stdout  # the warning goes to stderr only
 
     code, _, err = run_cli(["eval", "--model", "m", "--benchmark", "gqa", "--data", str(FIX / "gqa"), "--out",
                             str(tmp_path / "g"), "--submission"], capsys)  # fmt: skip

@@ -81,7 +81,8 @@ def _bench_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _all_questions_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-questions", default=None, help="vqav2 submission: a questions file (e.g. "
-                   "v2_OpenEnded_mscoco_test2015_questions.json) whose questions not in --data get an empty answer")
+                   "v2_OpenEnded_mscoco_test2015_questions.json) whose questions not in --data get an empty answer; "
+                   "without it a test-dev file answers test-dev alone, which the server may reject (a warning says so)")
 
 
 def _benchmark(args: argparse.Namespace):
@@ -151,11 +152,15 @@ def run_vqav2_submission(args: argparse.Namespace) -> int:
 def _write_submission(items, answers, out, all_questions: str | None) -> int:
     from pathlib import Path
 
-    from llavakit.eval.vqav2 import write_submission
+    from llavakit.eval.vqav2 import partial_submission_warning, write_submission
 
-    done = write_submission(out / "submission.json", items, answers, Path(all_questions) if all_questions else None)
+    full_list = Path(all_questions) if all_questions else None
+    done = write_submission(out / "submission.json", items, answers, full_list)
     blank = f", and an empty answer to {done.blank} other question(s) of {all_questions}" if all_questions else ""
     print(f"wrote {done.path}: {done.answered} answer(s){blank}")
+    warning = partial_submission_warning(done.path, items, full_list)
+    if warning:
+        _log(warning)
     return 0
 
 

@@ -14,7 +14,10 @@ Reported overall, per answer type and per question type, as vqaEval.py does.
 
 Test splits have no annotations: `VQAv2(questions_only=True)` loads the questions alone, and
 `write_submission` writes the answers as the evaluation server takes them (a JSON list of
-{"question_id": int, "answer": str}, answers VQA-normalised).
+{"question_id": int, "answer": str}). Answers go through the official VQA normalisation, the one the
+server applies to a result anyway, and nothing more (LLaVA's converter adds a first step of its own:
+see docs/evaluation.md). A test-dev file without the rest of test2015 may be refused by the server:
+`partial_submission_warning` says so.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from llavakit.eval.common import (
 )
 from llavakit.eval.text import normalize_vqa, process_punctuation
 
-IMAGE_FOLDERS = {"test-dev2015": "test2015"}
+TEST_DEV = "test-dev2015"
+IMAGE_FOLDERS = {TEST_DEV: "test2015"}
 """data_subtype -> image folder (and file-name part) where they differ: test-dev is a subset of test2015."""
 
 
@@ -85,7 +89,7 @@ class Annotations:
         answers = [need(a, "answer", where) for a in need(ann, "answers", where)]
         if not answers:
             raise EvalError(f"{self.path}: question {item.question_id!r} has no annotator answers")
-        meta = {"question_type": ann["question_type"]} if "question_type" in ann else {}
+        meta = dict(item.meta) | ({"question_type": ann["question_type"]} if "question_type" in ann else {})
         return replace(item, answer=answers, category=ann.get("answer_type", "other"), meta=meta)
 
 
@@ -97,7 +101,8 @@ class VQAv2:
     questions_only: bool = False
 
     def load(self, data_path: Path) -> list[EvalItem]:
-        """Questions joined with their annotations (unless `questions_only`), in question-file order."""
+        """Questions joined with their annotations (unless `questions_only`), in question-file order; each item's
+        meta holds the questions file's `data_subtype`."""
         root = Path(data_path)
         qfile = find_one(root, ["*questions*.json"], "VQA questions")
         qdata = json_of(read_json(qfile), dict, qfile, 'an object with "questions"')
@@ -110,7 +115,7 @@ class VQAv2:
             where = f"{qfile}: question {qid!r}"
             image = root / folder / f"COCO_{folder}_{int(need(q, 'image_id', where)):012d}.jpg"
             item = EvalItem(question_id=qid, prompt=image_prompt(need(q, "question", where), SHORT_ANSWER_SUFFIX),
-                            images=(str(image),))  # fmt: skip
+                            images=(str(image),), meta={"data_subtype": subtype})  # fmt: skip
             items.append(item if anns is None else anns.join(item))
         check_unique_ids(items, qfile)
         return items
@@ -182,3 +187,13 @@ def write_submission(path: Path, items: Sequence[EvalItem], answers: Mapping[Que
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, ensure_ascii=False) + "\n", encoding="utf-8")
     return Submission(path, len(items), len(rows) - len(items))
+
+
+def partial_submission_warning(path: Path, items: Sequence[EvalItem], all_questions: Path | None) -> str | None:
+    """A warning for a test-dev result file that answers test-dev alone (no `all_questions`), or None."""
+    if all_questions is not None or not any(item.meta.get("data_subtype") == TEST_DEV for item in items):
+        return None
+    return (f"warning: {path} answers only the {len(items)} {TEST_DEV} question(s) of --data. The VQA evaluation "
+            f"server (EvalAI) takes a result file for all of test2015, test-dev being a subset of it, and may reject "
+            f"one that lacks the other test2015 questions; LLaVA's converter always lists them, with an empty answer. "
+            f"To do the same, pass --all-questions v2_OpenEnded_mscoco_test2015_questions.json.")
