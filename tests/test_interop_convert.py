@@ -264,6 +264,22 @@ def test_tokens_added_and_embeddings_grown(tiny_parts, tmp_path):
     assert emb.shape[0] == vocab + 1 and lm.model.lm_head.weight.shape[0] == vocab + 1
     assert torch.allclose(emb[image_id], lm_weights(tiny_parts)["model.embed_tokens.weight"].mean(0), atol=1e-6)
     assert lm.tokenizer("USER: <image>\nhi", add_special_tokens=False)["input_ids"].count(image_id) == 1
+    assert lm.meta.added_token_ids == [image_id]  # recorded, as by init
+
+
+def test_added_tokens_in_spare_rows_get_the_mean_row_as_at_init():
+    """A matrix with spare rows beyond the tokenizer: the added token's row (by id) is set to the mean of the rows
+    before it, the spare rows after it are left alone; a short matrix grows, its added rows set the same way."""
+    from llavakit.interop.convert import grow_vocab
+
+    w = torch.randn(10, 4)  # [V, D]: 7 tokens, 3 spare rows
+    source = w.clone()
+    out = grow_vocab({"model.embed_tokens.weight": w, "lm_head.weight": w * 2}, rows=8, added=[7])
+    for key, m in (("model.embed_tokens.weight", w), ("lm_head.weight", w * 2)):
+        assert torch.allclose(out[key][7], m[:7].mean(0)) and torch.equal(out[key][[0, 6, 8, 9]], m[[0, 6, 8, 9]])
+    assert torch.equal(w, source)  # set in a copy: the checkpoint's tensor is untouched
+    grown = grow_vocab({"model.embed_tokens.weight": w}, rows=12, added=[10, 11])["model.embed_tokens.weight"]
+    assert grown.shape == (12, 4) and torch.allclose(grown[10:], w.mean(0).expand(2, 4))
 
 
 def test_pixels_match_original_pad_to_square(tiny_parts, tmp_path):

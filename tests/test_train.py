@@ -191,6 +191,10 @@ def test_lora_trains_the_rows_of_tokens_the_template_added(tiny_parts, squares, 
     new = new_token_ids(lm.tokenizer, lm.model.config)
     assert lm.tokenizer.convert_ids_to_tokens(new) == ["<|im_start|>", "<|im_end|>"]
     old = lm.model.config.image_token_id  # `<image>` comes first: the rows before it are the base LM's
+    assert lm.meta.added_token_ids[0] == old and set(new) <= set(lm.meta.added_token_ids)  # recorded at init
+    legacy = copy.deepcopy(lm.model.config)
+    legacy.llavakit = {k: v for k, v in legacy.llavakit.items() if k != "added_token_ids"}
+    assert new_token_ids(lm.tokenizer, legacy) == new  # a dir from before the record: the same by the old rule
     for layer in (lm.model.get_input_embeddings(), lm.model.get_output_embeddings()):
         mean = layer.weight[:old].mean(0)  # [D]
         assert all(torch.allclose(layer.weight[i], mean, atol=1e-6) for i in [old, *new])
@@ -210,6 +214,92 @@ def test_lora_trains_the_rows_of_tokens_the_template_added(tiny_parts, squares, 
         rebuilt = PeftModel.from_pretrained(load_model(start).model, out / "adapter").eval()(input_ids=ids).logits
     assert (rebuilt - merged).abs().max() < 1e-4
     assert_transformers_logits_match(out / "model", squares)
+
+
+@pytest.fixture(scope="module")
+def chatml_model(tiny_parts, tmp_path_factory):
+    """A tiny CLIP + Llama model with the chatml template: init added <|im_start|>/<|im_end|> (LoRA trains their rows)."""
+    from conftest import make_model
+
+    return make_model(tiny_parts, tmp_path_factory.mktemp("chatml") / "m", template="chatml")
+
+
+def test_lora_train_new_tokens_false_goes_on_training_an_adapter_from_before_token_rows(chatml_model, squares, tmp_path):
+    """An adapter saved before LoRA trained added-token rows has none: continuing it is refused naming the likely
+    cause and the setting; with lora.train_new_tokens: false it goes on, and no token row is trained."""
+    from peft import PeftConfig
+
+    from llavakit.train.config import LoraConfig
+    from llavakit.train.model import apply_lora
+
+    lora = {"enabled": True, "r": 4, "alpha": 8, "save_adapter": True}
+    apply_lora(load_model(chatml_model).model, LoraConfig(**lora), train_vision=False).save_pretrained(tmp_path / "old")
+    assert PeftConfig.from_pretrained(str(tmp_path / "old")).trainable_token_indices is None  # what llavakit saved then
+    with pytest.raises(ValueError, match=r"trainable_token_indices: None there, \{'embed_tokens': .* here \(an adapter "
+                       r"without token rows is likely from an llavakit version before .*`lora.train_new_tokens: false`"):
+        train(config("instruct", chatml_model, tmp_path / "refused", squares["qa"], squares["images"],
+                     optim={"max_steps": 1}, lora={**lora, "init_adapter": str(tmp_path / "old")}))
+    out = train(config("instruct", chatml_model, tmp_path / "run", squares["qa"], squares["images"],
+                       optim={"lr": 1e-2, "max_steps": 2},  # step 1 is the warmup's, at lr 0
+                       lora={**lora, "init_adapter": str(tmp_path / "old"), "train_new_tokens": False}))
+    assert PeftConfig.from_pretrained(str(out / "adapter")).trainable_token_indices is None
+    before, after = weights(chatml_model), weights(out / "model")
+    assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # no row trained: the old behaviour
+    assert not torch.equal(before["model.multi_modal_projector.linear_1.weight"],
+                           after["model.multi_modal_projector.linear_1.weight"])
+
+
+def test_resuming_a_run_from_before_token_rows_names_the_cause(chatml_model, squares, tmp_path):
+    """A LoRA run checkpointed before added-token rows were trained (no lora.train_new_tokens in its config.yaml,
+    no token rows in its checkpoint): --resume says so and names the setting, which then resumes it."""
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    cfg = config("instruct", chatml_model, tmp_path / "run", squares["qa"], squares["images"],
+                 optim={"max_steps": 1}, checkpoint={"every_steps": 1}, eval={"at_start": False},
+                 lora={**lora, "train_new_tokens": False})
+    train(cfg)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["lora"]["train_new_tokens"]  # as written by llavakit before the setting existed
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    now = {**cfg.to_dict(), "lora": lora}
+    with pytest.raises(ValueError, match=r"missing \[.*trainable_tokens_delta.*only the rows of the tokens `llavakit "
+                       r"init` added are missing: .*before LoRA trained those rows; resume it with "
+                       r"`lora.train_new_tokens: false`"):
+        train(TrainConfig.from_dict(now), resume=True)
+    resumed = train(TrainConfig.from_dict({**now, "lora": {**lora, "train_new_tokens": False}}), resume=True)
+    assert report(resumed)["resumed_from_step"] == 1
+
+
+def test_lora_token_rows_are_refused_under_zero3(chatml_model, tiny_model_dir, squares, tmp_path, monkeypatch, capsys):
+    """peft's trainable tokens break under ZeRO-3 (peft #2946): a LoRA run with added-token rows to train is refused
+    at start, before DeepSpeed is needed, and by the dry run's check; ZeRO-2, or no token rows, is let through."""
+    from llavakit.train.dryrun import Checks, check_token_rows
+    from llavakit.train.setup import check_token_rows_sharding, zero_stage
+
+    zero = {n: str(REPO / f"configs/deepspeed/zero{n}.json") for n in (2, 3)}
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    want = (r"lora.train_new_tokens: .*rows of 2 token\(s\).*ZeRO-3.*peft issue #2946.*ZeRO-2.*"
+            r"lora.train_new_tokens: false")
+    cfg = config("instruct", chatml_model, tmp_path / "run", squares["qa"], squares["images"], lora=lora,
+                 runtime={"deepspeed": zero[3]})
+    with pytest.raises(ConfigError, match=want):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    checks = Checks()
+    check_token_rows(cfg, checks)
+    assert checks.failed == 1 and "ZeRO-3" in capsys.readouterr().out
+    for fine in ({"lora": {**lora, "train_new_tokens": False}}, {"runtime": {"deepspeed": zero[2]}},
+                 {"init_from": str(tiny_model_dir)}):  # vicuna_v1 adds no token LoRA would train
+        checks = Checks()
+        check_token_rows(TrainConfig.from_dict({**cfg.to_dict(), **fine}), checks)
+        assert checks.failed == 0, fine
+    check_token_rows_sharding([], 3)
+    base = TrainConfig.from_dict({**cfg.to_dict(), "runtime": {}})
+    assert zero_stage(base) is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch with a DeepSpeed config
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert zero_stage(base) == 3
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", zero[2])
+    assert zero_stage(base) == 2
 
 
 def test_lora_init_adapter_goes_on_training_a_saved_adapter(aligned, squares, tmp_path):

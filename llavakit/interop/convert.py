@@ -4,7 +4,8 @@ Three source layouts (see `legacy.py`): a full checkpoint, a stage-1 dir (`mm_pr
 the base LM from `--lm`) and a LoRA dir (merged into `--lm`/`--base` with peft). The vision tower
 comes from `--vision` or the config's `mm_vision_tower` (hub id); tower weights stored inside the
 checkpoint take precedence over the tower's own. `<image>` (and a pad token if missing) is added to
-the tokenizer and the embeddings grow by mean rows; the template is recorded from `--template`.
+the tokenizer, and their embedding and LM-head rows are set to the mean row, as `llavakit init` does; the
+template is recorded from `--template`.
 """
 
 from __future__ import annotations
@@ -100,17 +101,21 @@ def text_config(legacy: LegacyConfig, vocab_size: int):
     return AutoConfig.for_model(legacy.lm_type, **{**legacy.text, "vocab_size": vocab_size})
 
 
-def grow_vocab(lm_state: dict, rows: int) -> dict:
-    """Embedding and LM-head rows up to `rows`, new rows set to the mean row (ids stay put)."""
+def grow_vocab(lm_state: dict, rows: int, added: list[int]) -> dict:
+    """Embedding and LM-head rows up to `rows` (ids stay put); the rows of the `added` token ids set to the mean
+    row, as `llavakit init` does (`build.mean_rows`: also when a token lands in a spare row of the matrix)."""
     import torch
+
+    from llavakit.model.build import mean_rows
 
     out = dict(lm_state)
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         w = out.get(key)  # [V, D]
-        if w is None or w.shape[0] >= rows:
+        if w is None or (not added and w.shape[0] >= rows):
             continue
-        extra = w.float().mean(0, keepdim=True).expand(rows - w.shape[0], -1).to(w.dtype)  # [rows - V, D]
-        out[key] = torch.cat([w, extra])  # [rows, D]
+        grown = torch.cat([w, w.new_zeros(max(rows - w.shape[0], 0), w.shape[1])])  # [max(V, rows), D], a copy
+        mean_rows(grown, added)
+        out[key] = grown
     return out
 
 
@@ -203,8 +208,8 @@ def convert_llava(cfg: ConvertConfig) -> Path:
     check_tower_settings(vision.config, has_cls, legacy.strategy, legacy.select_layer, f"{legacy.path} with tower {vision_src}")
     template = get_template(cfg.template or ("plain" if layout == "stage1" else "vicuna_v1"))
     tokenizer = load_tokenizer(src, cfg.lm)
-    add_tokens(tokenizer, template)
-    weights.lm = grow_vocab(weights.lm, len(tokenizer))
+    added = add_tokens(tokenizer, template)
+    weights.lm = grow_vocab(weights.lm, len(tokenizer), added)
     dtype = resolve_dtype(cfg.dtype, weights.lm)
     tcfg = text_config(legacy, _rows(weights.lm))
     state, origin = model_state(weights, legacy, vision.state_dict(), tcfg.tie_word_embeddings)
@@ -218,7 +223,8 @@ def convert_llava(cfg: ConvertConfig) -> Path:
         image_seq_length=(vc.image_size // vc.patch_size) ** 2 + (1 if has_cls and legacy.strategy == "full" else 0),
         vision_feature_layer=legacy.select_layer, vision_feature_select_strategy=legacy.strategy,
         projector_hidden_act=HIDDEN_ACT[legacy.projector], pad_token_id=tokenizer.pad_token_id,
-        llavakit=LlavakitMeta(legacy.projector, template.to_dict(), legacy.aspect, stage="converted", history=history).to_dict(),
+        llavakit=LlavakitMeta(legacy.projector, template.to_dict(), legacy.aspect, stage="converted", history=history,
+                              added_token_ids=added).to_dict(),
     )
     model = assemble(config, state, origin)
     processor = image_processor_for(vision_src, vc, pad=legacy.aspect == "pad")

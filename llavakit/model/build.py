@@ -99,29 +99,41 @@ def image_processor_for(source: str, vision_config, pad: bool):
     return LlavaImageProcessorPil(do_pad=pad, **kw)
 
 
-def add_tokens(tokenizer, template) -> None:
-    """`<image>`, the template's own special tokens, and a pad token if missing."""
+def add_tokens(tokenizer, template) -> list[int]:
+    """`<image>`, the template's own special tokens, and a pad token if missing; returns the ids of the tokens added
+    (those the tokenizer already had are not), ascending: what `LlavakitMeta.added_token_ids` records."""
     from llavakit.data.templates import IMAGE_TOKEN
 
-    extra = [IMAGE_TOKEN] + [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
+    before = set(tokenizer.get_vocab())
+    extra = [IMAGE_TOKEN] + [t for t in template.special_tokens if t not in before]
     tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return sorted(i for t, i in tokenizer.get_vocab().items() if t not in before)
 
 
-def mean_init_rows(lm, first: int) -> None:
-    """Input and output embedding rows `first`.. (the tokens `add_tokens` added) set to the mean of the rows before
-    them, as LLaVA initialises new tokens: a stop token like chatml's `<|im_end|>` starts as an average token, not
-    a random one. By id, not by the resize: an LM whose matrix has spare rows (Qwen2) gives new tokens those rows.
-    transformers' `mean_resizing` only fills appended rows, and samples around the mean rather than taking it."""
+def mean_rows(weight, ids: list[int]) -> None:
+    """Rows `ids` of a [V, D] embedding or LM-head matrix set in place to the mean of the rows before the first of
+    them (the base LM's), as LLaVA initialises new tokens: a stop token like chatml's `<|im_end|>` starts as an
+    average token, not a random one. By id: a token placed in a spare row of the matrix (Qwen2 has some) gets the
+    mean too. transformers' `mean_resizing` only fills appended rows, and samples around the mean."""
+    import torch
+
+    if not ids:
+        return
+    with torch.no_grad():
+        weight[ids] = weight[:min(ids)].float().mean(0).to(weight.dtype)  # [D] into each of the rows
+
+
+def mean_init_rows(lm, ids: list[int]) -> None:
+    """`mean_rows` on the LM's input and output embeddings (and a bias, if the head has one)."""
     import torch
 
     for layer in (lm.get_input_embeddings(), lm.get_output_embeddings()):  # the same tensor twice when tied
-        with torch.no_grad():
-            rows = layer.weight[first:]  # [V - first, D]
-            rows.copy_(layer.weight[:first].float().mean(0).to(rows.dtype).expand_as(rows))
-            if getattr(layer, "bias", None) is not None:
-                layer.bias[first:] = layer.bias[:first].float().mean()
+        mean_rows(layer.weight, ids)
+        if ids and getattr(layer, "bias", None) is not None:
+            with torch.no_grad():
+                layer.bias[ids] = layer.bias[:min(ids)].float().mean().to(layer.bias.dtype)
 
 
 def init_model(cfg: InitConfig) -> Path:
@@ -141,10 +153,9 @@ def init_model(cfg: InitConfig) -> Path:
     lm_path = resolve_lm(cfg.lm)
     tokenizer = AutoTokenizer.from_pretrained(lm_path)
     lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=torch.float32)
-    known = len(tokenizer)
-    add_tokens(tokenizer, template)
+    added = add_tokens(tokenizer, template)
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    mean_init_rows(lm, known)
+    mean_init_rows(lm, added)
     vc = vision.config
     patches = (vc.image_size // vc.patch_size) ** 2
     config = LlavaConfig(
@@ -153,7 +164,8 @@ def init_model(cfg: InitConfig) -> Path:
         image_seq_length=patches + (1 if has_cls and strategy == "full" else 0),
         vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=strategy,
         projector_hidden_act=HIDDEN_ACT[cfg.projector], pad_token_id=tokenizer.pad_token_id,
-        llavakit=LlavakitMeta(cfg.projector, template.to_dict(), cfg.image_aspect_ratio).to_dict(),
+        llavakit=LlavakitMeta(cfg.projector, template.to_dict(), cfg.image_aspect_ratio,
+                              added_token_ids=added).to_dict(),
     )
     torch.manual_seed(cfg.seed)
     model = LlavakitForConditionalGeneration(config)

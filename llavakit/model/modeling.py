@@ -34,6 +34,9 @@ class LlavakitMeta:
     """Earlier stages' records (config summaries), oldest first."""
     version: str = ""
     """The llavakit version that wrote the dir (set by `save_model`)."""
+    added_token_ids: list[int] | None = None
+    """Ids of the tokens `init` / `convert` added to the LM's tokenizer (`<image>`, the template's special tokens
+    it lacked, a pad token if missing), ascending. None: not recorded (a dir from before it was, or imported)."""
 
     def __post_init__(self) -> None:
         if self.projector_type not in PROJECTORS:

@@ -138,9 +138,23 @@ def install_trainable_only(accelerator, module) -> None:
             missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
             if missing or unexpected:
                 raise ValueError(f"checkpoint {input_dir} does not match the trainable parameters of this run "
-                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was the config changed?")
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                                 + mismatch_cause(missing, unexpected))
             m.load_state_dict(state, strict=False)
         models.clear()  # loaded here; accelerate must not load them again (strictly, as a full model)
 
     accelerator.register_save_state_pre_hook(on_save)
     accelerator.register_load_state_pre_hook(on_load)
+
+
+TOKEN_ROWS = "trainable_tokens_delta"
+"""peft's name for the trained rows of the tokens `llavakit init` added (a LoRA run with lora.train_new_tokens)."""
+
+
+def mismatch_cause(missing: list[str], unexpected: list[str]) -> str:
+    """The likely cause of a checkpoint whose parameters differ from this run's trainable ones."""
+    if missing and not unexpected and all(TOKEN_ROWS in name for name in missing):
+        return ("only the rows of the tokens `llavakit init` added are missing: the checkpoint is likely from an "
+                "llavakit version before LoRA trained those rows; resume it with `lora.train_new_tokens: false` "
+                "(no token rows, as then)")
+    return "was the config changed?"

@@ -142,8 +142,13 @@ class LoraConfig:
     init_adapter: str | None = None
     """Go on training a saved adapter (a run's `adapter/` dir, or the run dir holding it) instead of a fresh
     one: a curriculum in several runs that still ships as one adapter. `init_from` must be the model that
-    adapter was trained on (not its merged model); its r, alpha, dropout, target modules and saved modules
-    must match this config."""
+    adapter was trained on (not its merged model); its r, alpha, dropout, target modules, saved modules and
+    token rows must match this config."""
+    train_new_tokens: bool = True
+    """Also train the input-embedding and LM-head rows of the tokens `llavakit init` added for the template (e.g.
+    chatml's `<|im_start|>`/`<|im_end|>` on a Llama), as peft trainable tokens; else they keep their initial mean
+    row. false: no token rows, as llavakit did before it trained them: to go on training an adapter or resume a
+    run from then, and under DeepSpeed ZeRO-3, where peft's trainable tokens are fragile (refused there)."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", "must be >= 1")

@@ -67,6 +67,31 @@ def check_deepspeed(cfg: TrainConfig, checks: Checks) -> None:
               + ("" if installed else " (deepspeed is not installed here: the stand-in run uses plain accelerate)"))
 
 
+def check_token_rows(cfg: TrainConfig, checks: Checks) -> None:
+    """Setup refuses a LoRA run that trains added-token rows under ZeRO-3 (the stand-in runs without DeepSpeed):
+    said here from the start model's tokenizer and config, if it is here (its weights are not read)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llavakit.train.config import ConfigError
+    from llavakit.train.model import resolve_init, trained_token_ids
+    from llavakit.train.setup import check_token_rows_sharding, zero_stage
+
+    if not (cfg.lora.enabled and cfg.lora.train_new_tokens):
+        return
+    try:
+        stage = zero_stage(cfg)
+        if stage != 3:
+            return
+        path = resolve_init(cfg.init_from)
+        ids = trained_token_ids(cfg, AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path))
+        check_token_rows_sharding(ids, stage)
+    except FileNotFoundError:
+        checks.note(f"init_from {cfg.init_from} is not here: whether LoRA trains rows of tokens its template added "
+                    "(refused under ZeRO-3) is checked when the run starts")
+    except ConfigError as exc:
+        checks.fail(str(exc))
+
+
 def check_geometry(cfg: TrainConfig, checks: Checks) -> None:
     o = cfg.optim
     rows = [f"{w} proc -> {o.batch_size // (o.micro_batch_size * w)} accumulation step(s)"
@@ -204,6 +229,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> int:
     checks = Checks()
     checks.ok("config: typed and validated")
     check_deepspeed(cfg, checks)
+    check_token_rows(cfg, checks)
     check_geometry(cfg, checks)
     model_config = start_model_config(cfg, checks)
     real = check_records(cfg, checks)

@@ -61,14 +61,25 @@ def lora_targets(llava: nn.Module, names) -> list[str]:
 
 
 def new_token_ids(tokenizer, config) -> list[int]:
-    """The tokens no row of the base LM was trained for: every token added after `<image>`, but the pad token.
+    """The tokens no row of the base LM was trained for: those `llavakit init` / `convert` added, but `<image>`
+    (its positions hold image features) and the pad token (never a target nor attended to).
 
-    `llavakit init` and `convert` add `<image>` first, then the template's own special tokens that the LM lacks
-    (chatml's `<|im_start|>`, `<|im_end|>`), then a pad token if missing, so those ids follow `<image>`'s; a
-    template token the base tokenizer already had (SmolLM2's or Qwen2's chatml) comes before it and is excluded.
-    Pad is never a target nor attended to."""
-    added = tokenizer.get_added_vocab().values()  # token -> id of every added token
-    return sorted(i for i in added if i > config.image_token_id and i != tokenizer.pad_token_id)
+    The added ids are recorded in config.json (`llavakit.added_token_ids`). A dir from before they were has them
+    guessed: `<image>` is added first, then the template's special tokens the LM lacks (chatml's `<|im_start|>`,
+    `<|im_end|>`), then a pad token if missing, so every added token after `<image>`'s id; a template token the
+    base tokenizer already had (SmolLM2's or Qwen2's chatml) comes before it and is excluded."""
+    added = (getattr(config, "llavakit", None) or {}).get("added_token_ids")
+    if added is None:
+        added = [i for i in tokenizer.get_added_vocab().values() if i > config.image_token_id]
+    return sorted(i for i in added if i not in (config.image_token_id, tokenizer.pad_token_id))
+
+
+def trained_token_ids(cfg, tokenizer, config) -> list[int]:
+    """The token rows this run trains as peft trainable tokens: `new_token_ids` for a LoRA run with
+    `lora.train_new_tokens`, else none (full fine-tuning trains every row with the LM)."""
+    if not (cfg.lora.enabled and cfg.lora.train_new_tokens):
+        return []
+    return new_token_ids(tokenizer, config)
 
 
 def token_rows(llava: nn.Module, ids: list[int]) -> dict[str, list[int]] | None:
@@ -132,10 +143,22 @@ def check_adapter(path: Path, want) -> None:
              "dropout": (have.lora_dropout, want.lora_dropout),  # peft would use the saved one, silently
              "modules_to_save": (set(have.modules_to_save or ()), set(want.modules_to_save or ())),
              "trainable_token_indices": (have.trainable_token_indices, want.trainable_token_indices)}
-    wrong = [_differs(key, a, b) for key, (a, b) in pairs.items() if a != b]
+    wrong = [_differs(key, a, b) + (_token_rows_hint(a, b) if key == "trainable_token_indices" else "")
+             for key, (a, b) in pairs.items() if a != b]
     if wrong:
         raise ValueError(f"lora.init_adapter {path}: the adapter does not match this run's LoRA settings: "
                          + "; ".join(wrong))
+
+
+def _token_rows_hint(there, here) -> str:
+    """The likely cause of a trainable_token_indices mismatch (the rows of the tokens `llavakit init` added)."""
+    if there is None:
+        return (" (an adapter without token rows is likely from an llavakit version before LoRA trained the rows of "
+                "the tokens `llavakit init` added: `lora.train_new_tokens: false` goes on training it without them, "
+                "as that version did)")
+    if here is None:
+        return " (this run trains no token rows: lora.train_new_tokens is false, or init_from added no tokens)"
+    return " (rows of other tokens: is init_from the model the adapter was trained on?)"
 
 
 def _differs(key: str, there, here) -> str:
@@ -151,7 +174,8 @@ def prepare_model(llava: nn.Module, cfg, tokenizer) -> nn.Module:
         set_checkpointing(llava, True)
         llava.config.use_cache = False
     if cfg.lora.enabled:
-        return apply_lora(llava, cfg.lora, train_vision=cfg.train_vision, new_tokens=new_token_ids(tokenizer, llava.config))
+        return apply_lora(llava, cfg.lora, train_vision=cfg.train_vision,
+                          new_tokens=trained_token_ids(cfg, tokenizer, llava.config))
     return llava
 
 

@@ -24,6 +24,9 @@ from llavakit.train.data import Failure, Index, Source
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("out", "runtime.kill_after_step", "data.num_workers", "data.on_bad_record", "log",
                      "checkpoint.keep_last")
+# Keys added since runs were saved: an older run's config.yaml lacks them, and the checkpoint's own parameters
+# tell whether its resume fits (lora.train_new_tokens: checkpoint.mismatch_cause).
+ADDED_KEYS = ("lora.train_new_tokens",)
 # Truncated record ids named in report.json (the count is always exact).
 TRUNCATED_IDS_SHOWN = 50
 
@@ -157,7 +160,8 @@ def check_same_config(cfg: TrainConfig, saved_path: Path) -> None:
     saved = _flatten(yaml.safe_load(saved_path.read_text()))
     now = _flatten(cfg.to_dict())
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
-               and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
+               and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)
+               and not (k in ADDED_KEYS and k not in saved)]
     if changed:
         raise ConfigError(f"--resume with a different config: {', '.join(changed)} changed since {saved_path}")
 
@@ -211,6 +215,37 @@ def make_accelerator(cfg: TrainConfig, cpu: bool, world: int, unused_params: boo
     if cfg.runtime.compile:
         kwargs["dynamo_backend"] = "inductor"
     return Accelerator(**kwargs)
+
+
+def zero_stage(cfg: TrainConfig) -> int | None:
+    """The DeepSpeed ZeRO stage of this run: from runtime.deepspeed, else from `accelerate launch`'s DeepSpeed
+    settings (its config file, else its zero_stage, 2 by default as accelerate's); None without DeepSpeed."""
+    import os
+
+    path = cfg.runtime.deepspeed
+    if not path:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            return None
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not path or path == "none":
+            return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+    try:
+        stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise ConfigError(f"DeepSpeed config {path}: not a readable JSON config ({exc})") from None
+    return stage if isinstance(stage, int) else None
+
+
+def check_token_rows_sharding(ids: list[int], stage: int | None) -> None:
+    """peft's trainable tokens (the LoRA run's rows of added tokens, `ids`) are refused under ZeRO-3: the layer
+    reads its base layer's weight outside that layer's forward, so ZeRO-3 may not have gathered it, and saving
+    fails (peft issue #2946, KeyError on token_adapter.trainable_tokens_delta)."""
+    if ids and stage == 3:
+        raise ConfigError(f"lora.train_new_tokens: this LoRA run trains the rows of {len(ids)} token(s) `llavakit "
+                          "init` added for the template (peft trainable tokens), which peft does not support under "
+                          "DeepSpeed ZeRO-3 (it reads the sharded embedding outside its forward, and saving fails: "
+                          "peft issue #2946); use ZeRO-2 (configs/deepspeed/zero2.json), or set "
+                          "lora.train_new_tokens: false (those rows then keep their initial mean)")
 
 
 def tune_cpu_malloc() -> bool:
@@ -349,7 +384,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
     from accelerate.utils import set_seed
 
     from llavakit.model.io import load_model
-    from llavakit.train.model import TrainModule, prepare_model, resolve_init
+    from llavakit.train.model import TrainModule, prepare_model, resolve_init, trained_token_ids
 
     out, resume_from = check_out_dir(cfg, resume)  # decided once, before any process could write a checkpoint
     procs, cpu = process_state()
@@ -357,6 +392,7 @@ def setup(cfg: TrainConfig, resume: bool) -> Run:
         tune_cpu_malloc()
     set_seed(cfg.runtime.seed)
     loaded = load_model(resolve_init(cfg.init_from))
+    check_token_rows_sharding(trained_token_ids(cfg, loaded.tokenizer, loaded.model.config), zero_stage(cfg))
     state = RunState(processes=procs.num_processes)
     train_source, train_index, eval_source, eval_index = build_data(cfg, procs, loaded, state)
     unused = cfg.data.on_bad_record == "skip" or not all(train_index.n_images)
