@@ -102,8 +102,8 @@ def text_config(legacy: LegacyConfig, vocab_size: int):
 
 
 def grow_vocab(lm_state: dict, rows: int, added: list[int]) -> dict:
-    """Embedding and LM-head rows up to `rows` (ids stay put); the rows of the `added` token ids set to the mean
-    row, as `llavakit init` does (`build.mean_rows`: also when a token lands in a spare row of the matrix)."""
+    """Embedding and LM-head rows up to `rows` (ids stay put); the rows of the `added` token ids and every appended
+    row set to the mean row, as `llavakit init` does (`build.mean_rows`: also when a token lands in a spare row)."""
     import torch
 
     from llavakit.model.build import mean_rows
@@ -114,7 +114,7 @@ def grow_vocab(lm_state: dict, rows: int, added: list[int]) -> dict:
         if w is None or (not added and w.shape[0] >= rows):
             continue
         grown = torch.cat([w, w.new_zeros(max(rows - w.shape[0], 0), w.shape[1])])  # [max(V, rows), D], a copy
-        mean_rows(grown, added)
+        mean_rows(grown, sorted(set(added) | set(range(w.shape[0], rows))))  # no appended row left at zero
         out[key] = grown
     return out
 
